@@ -1,0 +1,43 @@
+"""Train a student by on-policy distillation: Hydra composes the run, poweropd.train runs it.
+
+    python run.py                                      # toy pair, vanilla OPD, CPU, minutes
+    python run.py reward=power reward.alpha=500        # PowerOPD
+    python run.py -m reward=power reward.alpha=0.1,1,10 seed=0,1,2
+    accelerate launch run.py model_pair=qwen3_4b_0.6b training=paper reward=power reward.alpha=500
+
+Re-running with hydra.run.dir=<an existing run directory> resumes it from its last
+checkpoint (or does nothing if its summary.json says it finished).
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from poweropd.config import ConfigError, check_overrides, cli_overrides, register_configs, to_config
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(dictcfg) -> float | None:
+    from poweropd.train import train  # heavy imports after the config is known to be valid
+
+    try:
+        cfg = to_config(dictcfg)
+        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return summary.get("val_accuracy_final")
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(cli_overrides(sys.argv[1:]), CONF_DIR)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    main()

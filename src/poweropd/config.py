@@ -1,0 +1,388 @@
+"""Typed config schema. Hydra composes YAML into these dataclasses; library code only
+ever sees the validated dataclass instances, never a raw DictConfig.
+
+Three layers of checking, all before any model is loaded:
+1. `check_overrides` (run.py, before Hydra starts): unknown keys, unknown group options
+   and wrong value types on the command line, each as one line with the valid choices;
+2. the ConfigStore schema: Hydra refuses keys that a YAML file adds by mistake;
+3. `__post_init__` range checks when the composed config becomes dataclasses
+   (`to_config`): alpha <= 0, clip low >= high, tau <= 0, and so on.
+Every failure is a `ConfigError` whose message is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from poweropd.toy.spec import ToyPairSpec
+
+REWARD_NAMES = ("vanilla", "clip", "tanh", "zscore", "power", "full_vocab")
+NORMALIZE_MODES = ("none", "zscore")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
+STOP_TOKEN_MODES = ("mask", "raw")
+PAIR_KINDS = ("toy", "hf")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+TRAIN_DATA = ("toy", "deepscaler")
+VAL_DATA = ("toy", "none")
+LOGGERS = ("local", "wandb")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _one_of(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if value < 0 or (strict and value == 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ConfigError(f"{key} must be {bound} (got {value})")
+
+
+@dataclass
+class RewardConfig:
+    """The OPD objective. Transform, normalisation, aggregation and stop-token handling
+    are independent knobs; the defaults follow REFERENCE.md section 1."""
+
+    name: str = _help("method: " + " | ".join(REWARD_NAMES), "vanilla")
+    alpha: float = _help("power: r = pi_T^alpha - pi_theta^alpha, alpha > 0", 5.0)
+    clip_low: float = _help("clip: lower bound c_l of clamp(lT - lS, c_l, c_h)", -1.0)
+    clip_high: float = _help("clip: upper bound c_h", 1.0)
+    tau: float = _help("tanh: r = tanh((lT - lS) / tau), tau > 0 (the paper gives none)", 1.0)
+    normalize: str = _help("batch normalisation after the transform: none | zscore", "none")
+    loss_agg: str = _help("token_mean (global over the batch) | seq_mean (mean of per-rollout means)", "token_mean")
+    stop_token: str = _help("mask: drop a terminal stop token from reward/loss/N | raw: keep it", "mask")
+
+    def __post_init__(self) -> None:
+        _one_of("reward.name", self.name, REWARD_NAMES)
+        _one_of("reward.normalize", self.normalize, NORMALIZE_MODES)
+        _one_of("reward.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        _one_of("reward.stop_token", self.stop_token, STOP_TOKEN_MODES)
+        if not self.alpha > 0:
+            raise ConfigError(
+                f"reward.alpha must be > 0 (got {self.alpha}); PowerOPD's pi_T^alpha - pi_theta^alpha "
+                "is bounded and sign-consistent only for alpha > 0 (alpha -> 0 is reward=vanilla)"
+            )
+        if not self.clip_low < self.clip_high:
+            raise ConfigError(f"reward.clip_low ({self.clip_low}) must be < reward.clip_high ({self.clip_high})")
+        if not self.tau > 0:
+            raise ConfigError(f"reward.tau must be > 0 (got {self.tau})")
+        if self.name == "vanilla" and self.normalize != "none":
+            raise ConfigError(
+                "reward=vanilla never normalises (reward.normalize must be none); use reward=zscore "
+                "for the z-scored log-ratio"
+            )
+        if self.name == "zscore" and self.normalize != "zscore":
+            raise ConfigError("reward=zscore needs reward.normalize=zscore; use reward=vanilla for the raw log-ratio")
+        if self.name == "full_vocab" and self.normalize != "none":
+            raise ConfigError(
+                "reward=full_vocab is an exact KL loss with no reward to normalise; set reward.normalize=none"
+            )
+
+    @property
+    def label(self) -> str:
+        """The paper's name for the method (tables and legends)."""
+        if self.name == "power":
+            return f"PowerOPD α={self.alpha:g}"
+        return {
+            "vanilla": "Vanilla",
+            "clip": "+ Clip",
+            "tanh": "+ Tanh",
+            "zscore": "+ Z-Score",
+            "full_vocab": "Full-vocab",
+        }[self.name]
+
+
+@dataclass
+class ModelPairConfig:
+    """Teacher and student. `kind=toy` builds the embedded pair; `kind=hf` loads hub ids or
+    local paths through AutoModelForCausalLM / AutoTokenizer."""
+
+    name: str = _help("label used in run directory names", "toy")
+    kind: str = _help("toy | hf", "toy")
+    teacher: str = _help("hf: hub id or local path of the teacher", "")
+    student: str = _help("hf: hub id or local path of the student", "")
+    revision: str | None = _help("hf: hub revision for both models", None)
+    teacher_dtype: str = _help("auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "auto")
+    student_dtype: str = _help("dtype of the student's master weights", "float32")
+    attn_implementation: str = _help("transformers attention backend: sdpa | eager | flash_attention_2", "sdpa")
+    enable_thinking: bool = _help("passed to the chat template (Qwen3: False = no <think> block)", False)
+    instruction: str = _help("text appended to every problem before the chat template", "")
+    stop_tokens: list[str] = _help("tokens that end a rollout", factory=lambda: ["<|im_end|>", "<|endoftext|>"])
+    trust_remote_code: bool = _help("hf: allow custom model code from the hub", False)
+    cache_dir: str = _help("toy: where the built pair is cached (env POWEROPD_CACHE)", "~/.cache/poweropd")
+    toy: ToyPairSpec = _help("toy: sizes and SFT budget of the built pair", factory=ToyPairSpec)
+
+    def __post_init__(self) -> None:
+        _one_of("model_pair.kind", self.kind, PAIR_KINDS)
+        _one_of("model_pair.teacher_dtype", self.teacher_dtype, DTYPES)
+        _one_of("model_pair.student_dtype", self.student_dtype, DTYPES)
+        if self.kind == "hf" and not (self.teacher and self.student):
+            raise ConfigError(
+                "model_pair.kind=hf needs model_pair.teacher and model_pair.student (hub ids or local paths)"
+            )
+        if not self.stop_tokens:
+            raise ConfigError("model_pair.stop_tokens must name at least one token")
+
+
+@dataclass
+class TrainingConfig:
+    """The OPD loop. `paper` follows REFERENCE.md section 3; `toy` fits 2 CPU cores."""
+
+    steps: int = _help("optimizer updates", 150)
+    batch_size: int = _help("rollouts per update, summed over all processes", 32)
+    rollouts_per_prompt: int = _help("rollouts sampled per prompt", 1)
+    micro_batch_size: int = _help("rollouts per forward/backward pass per process (0 = all)", 0)
+    gen_batch_size: int = _help("rollouts generated at once per process (0 = all)", 0)
+    lr: float = _help("AdamW learning rate", 1e-4)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    adam_beta1: float = _help("AdamW beta1", 0.9)
+    adam_beta2: float = _help("AdamW beta2", 0.999)
+    lr_schedule: str = _help("constant | cosine (after warmup)", "constant")
+    warmup_steps: int = _help("linear warmup steps", 0)
+    max_grad_norm: float = _help("gradient clipping max-norm; the logged grad_norm is pre-clip", 1.0)
+    max_new_tokens: int = _help("rollout length limit", 64)
+    temperature: float = _help("rollout sampling temperature", 1.0)
+    top_p: float = _help("rollout nucleus sampling (1.0 = off)", 1.0)
+    top_k: int = _help("rollout top-k (0 = off)", 0)
+    logprob_chunk_size: int = _help("tokens per lm-head chunk in the log-prob kernels", 1024)
+    gradient_checkpointing: bool = _help("recompute student activations in backward", False)
+    mixed_precision: str = _help("auto (bf16 on GPU, none on CPU) | no | bf16 | fp16", "auto")
+    train_data: str = _help("prompt source: toy | deepscaler", "toy")
+    data_dir: str | None = _help("local JSONL directory for deepscaler (env POWEROPD_DATA)", None)
+    val_data: str = _help("in-training validation: toy | none", "toy")
+    val_every: int = _help("validate every N steps (0 = only before and after training)", 25)
+    val_size: int = _help("validation problems (1 sample each)", 128)
+    val_max_new_tokens: int = _help("validation generation limit", 64)
+    val_temperature: float = _help("validation temperature (0 = greedy)", 0.6)
+    val_top_p: float = _help("validation top_p", 0.95)
+    val_top_k: int = _help("validation top_k (0 = off)", 20)
+    position_stats_every: int = _help("position-wise reward stats every K steps (0 = off)", 25)
+    reward_dump_prompts: int = _help("prompts whose token rewards are dumped before training (0 = off)", 64)
+    save_every: int = _help("checkpoint every N steps (0 = only at the end)", 50)
+    keep_checkpoints: int = _help("how many step checkpoints to keep", 1)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "rollouts_per_prompt", "lr", "max_new_tokens", "logprob_chunk_size"):
+            _positive(f"training.{key}", getattr(self, key))
+        for key in (
+            "micro_batch_size",
+            "gen_batch_size",
+            "weight_decay",
+            "warmup_steps",
+            "val_every",
+            "val_size",
+            "position_stats_every",
+            "reward_dump_prompts",
+            "save_every",
+            "top_k",
+            "val_top_k",
+        ):
+            _positive(f"training.{key}", getattr(self, key), strict=False)
+        _positive("training.max_grad_norm", self.max_grad_norm)
+        _positive("training.temperature", self.temperature)
+        _positive("training.val_temperature", self.val_temperature, strict=False)
+        _positive("training.keep_checkpoints", self.keep_checkpoints)
+        for key in ("top_p", "val_top_p"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"training.{key} must be in (0, 1] (got {getattr(self, key)})")
+        _one_of("training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("training.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _one_of("training.train_data", self.train_data, TRAIN_DATA)
+        _one_of("training.val_data", self.val_data, VAL_DATA)
+        if self.batch_size % self.rollouts_per_prompt:
+            raise ConfigError(
+                f"training.batch_size ({self.batch_size}) must be a multiple of "
+                f"training.rollouts_per_prompt ({self.rollouts_per_prompt})"
+            )
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides the run directory (which is always written)."""
+
+    name: str = _help("local | wandb", "local")
+    project: str = _help("wandb project", "poweropd")
+    entity: str | None = _help("wandb entity (team or user)", None)
+    mode: str = _help(
+        "wandb mode: auto (online if an API key is configured, else offline) | online | offline | disabled", "auto"
+    )
+    tags: list[str] = _help("wandb tags", factory=list)
+
+    def __post_init__(self) -> None:
+        _one_of("logger.name", self.name, LOGGERS)
+        _one_of("logger.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class Config:
+    seed: int = _help("seed for data order, sampling and initialisation", 0)
+    output_root: str = _help("root of run directories", "outputs")
+    model_pair: ModelPairConfig = field(default_factory=ModelPairConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def method_tag(name: str, alpha: float) -> str:
+    """Short method name for directory names: `power500`, `vanilla`, ..."""
+    return f"power{alpha:g}" if name == "power" else name
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml lists it first in its
+    defaults) and register the resolvers the YAML uses."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("method_tag"):
+        OmegaConf.register_new_resolver("method_tag", method_tag)
+
+
+def to_config(cfg) -> Config:
+    """DictConfig (composed by Hydra) -> validated dataclasses. Raises ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _reject_unknown_keys(cfg, Config, "")  # `+key=...` appends slip past the struct flag
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(_omegaconf_one_line(exc)) from None
+    if not isinstance(obj, Config):  # composed without the schema (should not happen)
+        raise ConfigError("config was not composed against the poweropd schema (conf/config.yaml defaults)")
+    return obj
+
+
+def _reject_unknown_keys(node, cls, prefix: str) -> None:
+    from omegaconf import DictConfig
+
+    fields = _schema_fields(cls)
+    hints = typing.get_type_hints(cls)
+    for key in node.keys():
+        if key not in fields:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys under {where}: {', '.join(sorted(fields))}"
+            )
+        value = node._get_node(key)
+        if isinstance(value, DictConfig) and dataclasses.is_dataclass(hints[key]):
+            _reject_unknown_keys(value, hints[key], f"{prefix}{key}.")
+
+
+def _omegaconf_one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {text[0]}" if key else text[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Command-line pre-check: one clear line for typos, before Hydra prints its own errors.
+
+GROUPS = ("model_pair", "reward", "training", "logger", "experiment")
+
+
+def group_options(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+
+
+def _schema_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _resolve_key(key: str):
+    """Walk `a.b.c` through the schema; return the Field or raise ConfigError."""
+    node: Any = Config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = _schema_fields(node)
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f" (did you mean '{'.'.join(parts[:depth] + close)}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{key}'{hint}; valid keys under {where}: {', '.join(sorted(fields))}"
+            )
+        found = fields[part]
+        hints = typing.get_type_hints(node)
+        node = hints[part]
+        if depth < len(parts) - 1 and not dataclasses.is_dataclass(node):
+            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' has no sub-keys (got '{key}')")
+    return found, node
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[x]
+        if value is None:
+            return
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if isinstance(value, str) and "${" in value:
+        return  # interpolation: checked after composition
+    expected = {float: (int, float), int: (int,), bool: (bool,), str: (str, int, float, bool)}.get(hint)
+    if origin is list:
+        expected = (list,)
+    if expected is None or dataclasses.is_dataclass(hint):
+        return
+    if isinstance(value, bool) and hint in (int, float):
+        expected = ()
+    if not isinstance(value, expected):
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}")
+
+
+def check_overrides(overrides: list[str], conf_dir: Path) -> None:
+    """Check command-line overrides against the schema and conf/ groups. Raises ConfigError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_delete():
+            continue
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        if key in GROUPS:
+            options = group_options(conf_dir, key)
+            for value in values:
+                if value is not None and str(value) not in options:
+                    raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(options)}")
+            continue
+        _, hint = _resolve_key(key)
+        for value in values:
+            _check_type(key, value, hint)
+
+
+def cli_overrides(argv: list[str]) -> list[str]:
+    """The `key=value` overrides of a Hydra command line (flags and their values removed)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    return list(args.overrides or [])

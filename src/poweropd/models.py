@@ -1,0 +1,204 @@
+"""Loading a teacher/student pair and scoring token ids with it.
+
+Every pair, the embedded toy one included, loads through AutoTokenizer and
+AutoModelForCausalLM. Before any weights are read the pair is checked: the teacher must
+score the student's exact token ids, so tokenizers and vocabulary sizes must agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from poweropd.config import ConfigError, ModelPairConfig
+from poweropd.logprobs import full_vocab_kl, sampled_logprobs
+from poweropd.rollout import neutralize_generation_defaults
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelPair:
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: object  # the student's tokenizer (its chat template builds every prompt)
+    stop_ids: list[int]
+    pad_id: int
+    teacher_path: str
+    student_path: str
+
+
+def resolve_paths(cfg: ModelPairConfig) -> tuple[str, str]:
+    """Hub ids / local directories of (teacher, student); builds the toy pair if needed."""
+    if cfg.kind == "toy":
+        from poweropd.toy.build import ensure_toy_pair
+
+        root = ensure_toy_pair(cfg.toy, cfg.cache_dir)
+        return str(root / "teacher"), str(root / "student")
+    return cfg.teacher, cfg.student
+
+
+def _hub_kwargs(cfg: ModelPairConfig) -> dict:
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def check_pair(teacher_path: str, student_path: str, cfg: ModelPairConfig):
+    """Refuse pairs whose teacher cannot score the student's token ids. Returns the
+    student's tokenizer. Reads configs and tokenizers only, no weights."""
+    kwargs = _hub_kwargs(cfg)
+    try:
+        tok_s = AutoTokenizer.from_pretrained(student_path, **kwargs)
+        tok_t = AutoTokenizer.from_pretrained(teacher_path, **kwargs)
+        conf_s = AutoConfig.from_pretrained(student_path, **kwargs)
+        conf_t = AutoConfig.from_pretrained(teacher_path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(
+            f"could not load the model pair ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+            "check model_pair.teacher / model_pair.student, network access or HF_HOME"
+        ) from None
+    vs, vt = _vocab_size(conf_s), _vocab_size(conf_t)
+    if vs != vt:
+        raise ConfigError(
+            f"model_pair vocabularies differ: teacher {teacher_path} has {vt} logits, student "
+            f"{student_path} has {vs}; OPD needs the teacher to score the student's token ids, "
+            "so pick a teacher and student from the same tokenizer family"
+        )
+    if tok_s.get_vocab() != tok_t.get_vocab():
+        only_s = len(set(tok_s.get_vocab().items()) - set(tok_t.get_vocab().items()))
+        raise ConfigError(
+            f"model_pair tokenizers differ: {only_s} token->id entries of the student ({student_path}) "
+            f"are not in the teacher's ({teacher_path}); pick a pair that shares one tokenizer"
+        )
+    for name, conf in (("teacher", conf_t), ("student", conf_s)):
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(conf, attr, None) not in (None, 1.0):
+                raise ConfigError(
+                    f"the {name}'s config sets {attr}; the chunked log-prob kernels assume "
+                    "logits = hidden @ lm_head.T, so this architecture is not supported"
+                )
+    return tok_s
+
+
+def _vocab_size(conf) -> int:
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    return int(text.vocab_size)
+
+
+def stop_token_ids(tokenizer, names: list[str]) -> list[int]:
+    ids = []
+    vocab = tokenizer.get_vocab()
+    for name in names:
+        if name in vocab:
+            ids.append(vocab[name])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ConfigError(
+            f"none of model_pair.stop_tokens {names} is in the student's vocabulary and it has no "
+            "eos token; set model_pair.stop_tokens to the tokens that end a response"
+        )
+    return ids
+
+
+def load_pair(cfg: ModelPairConfig, device: torch.device) -> ModelPair:
+    teacher_path, student_path = resolve_paths(cfg)
+    tokenizer = check_pair(teacher_path, student_path, cfg)
+    on_gpu = device.type == "cuda"
+    t_dtype = DTYPES.get(cfg.teacher_dtype) or (torch.bfloat16 if on_gpu else torch.float32)
+    s_dtype = DTYPES.get(cfg.student_dtype) or torch.float32
+    common = dict(attn_implementation=cfg.attn_implementation, **_hub_kwargs(cfg))
+    log.info("loading teacher %s (%s) and student %s (%s)", teacher_path, t_dtype, student_path, s_dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=t_dtype, **common).to(device)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=s_dtype, **common).to(device)
+    teacher.eval().requires_grad_(False)
+    for model in (teacher, student):
+        neutralize_generation_defaults(model)
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ConfigError("lm_head has a bias; the chunked log-prob kernels do not support it")
+        _disable_dropout(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ModelPair(
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        stop_ids=stop_token_ids(tokenizer, list(cfg.stop_tokens)),
+        pad_id=pad_id,
+        teacher_path=teacher_path,
+        student_path=student_path,
+    )
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def completion_hidden(lm: nn.Module, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT):
+    """Final hidden states that predict the valid completion tokens: [N, D].
+
+    The state at column P - 1 + t predicts completion token t, so the last column is
+    never fed. Position ids follow the attention mask, as in generation with left padding.
+    """
+    ids_BS, attn_BS = input_ids_BS[:, :-1], attention_mask_BS[:, :-1]
+    position_ids_BS = (attn_BS.cumsum(-1) - 1).clamp(min=0)
+    hidden_BSD = lm.get_decoder()(
+        input_ids=ids_BS, attention_mask=attn_BS, position_ids=position_ids_BS, use_cache=False
+    ).last_hidden_state
+    hidden_BTD = hidden_BSD[:, prompt_len - 1 :]
+    return hidden_BTD[mask_BT]
+
+
+class StudentScorer(nn.Module):
+    """The student plus its loss-side lm-head, as one module so that accelerate can wrap
+    it (DDP/FSDP see every parameter use inside forward)."""
+
+    def __init__(self, lm: nn.Module, chunk: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+
+    def forward(
+        self,
+        input_ids_BS,
+        attention_mask_BS,
+        prompt_len: int,
+        mask_BT,
+        teacher_hidden_ND=None,
+        teacher_weight_VD=None,
+        kl_weights_N=None,
+    ):
+        """Sampled-token log-probs lS_N (differentiable), or with teacher hidden states the
+        full-vocab KL tuple (loss, kl_N, lS_N, lT_N) of `full_vocab_kl`."""
+        hidden_ND = completion_hidden(self.lm, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
+        targets_N = input_ids_BS[:, prompt_len:][mask_BT]
+        weight_VD = self.lm.get_output_embeddings().weight
+        if teacher_hidden_ND is None:
+            return sampled_logprobs(hidden_ND, weight_VD, targets_N, self.chunk)
+        return full_vocab_kl(
+            hidden_ND, weight_VD, teacher_hidden_ND, teacher_weight_VD, targets_N, kl_weights_N, self.chunk
+        )
+
+
+@torch.no_grad()
+def teacher_score(
+    teacher: nn.Module, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, chunk: int, keep_hidden: bool = False
+):
+    """Teacher log-probs lT_N of the very same token ids (and its hidden states [N, D_T]
+    for the full-vocab loss)."""
+    hidden_ND = completion_hidden(teacher, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
+    targets_N = input_ids_BS[:, prompt_len:][mask_BT]
+    lT_N = sampled_logprobs(hidden_ND, teacher.get_output_embeddings().weight, targets_N, chunk)
+    return lT_N, (hidden_ND if keep_hidden else None)
+
+
+def local_path_exists(path: str) -> bool:
+    return Path(path).expanduser().exists()

@@ -1,0 +1,216 @@
+"""The run-directory contract, and the writers that fill it.
+
+    <run_dir>/
+      .hydra/                     Hydra's composed config, hydra config, overrides
+      run_config.json             the full validated config the run started with
+      metrics.jsonl               one JSON object per step ("step": 0 is before training)
+      positions.jsonl             position-wise reward mean/min/max every K steps
+      reward_dump.npz             every token-level reward of pre-training rollouts (Fig 2a)
+      reward_dump_rollouts.jsonl  the text of those rollouts
+      samples.jsonl               a few validation responses at each validation
+      checkpoints/step_XXXXXX/    save_pretrained student + tokenizer + state/ (resume)
+      checkpoints/latest          name of the newest complete checkpoint
+      student/                    final save_pretrained student + tokenizer
+      summary.json                written last: its presence means the run finished
+
+The local files are the source of truth; W&B (logger=wandb) only mirrors metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+POSITIONS = "positions.jsonl"
+SAMPLES = "samples.jsonl"
+REWARD_DUMP = "reward_dump.npz"
+REWARD_DUMP_ROLLOUTS = "reward_dump_rollouts.jsonl"
+SUMMARY = "summary.json"
+RUN_CONFIG = "run_config.json"
+CHECKPOINTS = "checkpoints"
+FINAL_MODEL = "student"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean(value):
+    """NaN / inf are not JSON; write them as null so every line parses everywhere."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def read_jsonl_lenient(path: Path) -> tuple[list[dict], list[int]]:
+    """All parseable lines of a JSONL file, and the numbers of the lines that were not
+    (a run killed mid-write leaves at most one partial last line)."""
+    rows, bad = [], []
+    if not path.exists():
+        return rows, bad
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad.append(lineno)
+    return rows, bad
+
+
+class JsonlWriter:
+    """Append-only JSONL file, flushed per line so a killed run loses at most one line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+
+    def write(self, record: dict) -> None:
+        if self._handle is None:
+            self._handle = self.path.open("a", encoding="utf-8")
+        self._handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def truncate_after(self, step: int) -> int:
+        """Drop every line whose step is > `step` (work a resumed run will redo) and any
+        partial line. Dropped lines are kept in <name>.discarded for the record."""
+        self.close()
+        rows, bad = read_jsonl_lenient(self.path)
+        keep = [r for r in rows if r.get("step", -1) <= step]
+        dropped = [r for r in rows if r.get("step", -1) > step]
+        if dropped or bad:
+            with self.path.with_suffix(".discarded").open("a", encoding="utf-8") as handle:
+                for row in dropped:
+                    handle.write(json.dumps(row) + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+        return len(dropped) + len(bad)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class Tracker:
+    """Writes the run directory (main process only) and mirrors metrics to W&B."""
+
+    def __init__(self, run_dir: Path, logger_cfg, config_dict: dict, enabled: bool = True):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.metrics = JsonlWriter(run_dir / METRICS)
+        self.positions = JsonlWriter(run_dir / POSITIONS)
+        self.samples = JsonlWriter(run_dir / SAMPLES)
+        self.wandb = None
+        if enabled and logger_cfg.name == "wandb":
+            self.wandb = _start_wandb(run_dir, logger_cfg, config_dict)
+
+    def rewind(self, step: int) -> None:
+        """Prepare the files for a run resumed after `step`."""
+        if not self.enabled:
+            return
+        for writer in (self.metrics, self.positions, self.samples):
+            dropped = writer.truncate_after(step)
+            if dropped:
+                log.info("resume: set aside %d line(s) of %s written after step %d", dropped, writer.path.name, step)
+
+    def start_fresh(self) -> None:
+        """A run starting at step 0 in a directory that has old files keeps them aside."""
+        if not self.enabled:
+            return
+        for writer in (self.metrics, self.positions, self.samples):
+            if writer.path.exists() and writer.path.stat().st_size:
+                aside = writer.path.with_suffix(".stale")
+                os.replace(writer.path, aside)
+                log.warning("%s already existed without a checkpoint; moved it to %s", writer.path.name, aside.name)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write({"step": step, **metrics})
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if _clean(v) is not None}, step=step)
+
+    def log_positions(self, step: int, record: dict) -> None:
+        if self.enabled:
+            self.positions.write({"step": step, **record})
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        if self.enabled:
+            for sample in samples:
+                self.samples.write({"step": step, **sample})
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        for writer in (self.metrics, self.positions, self.samples):
+            writer.close()
+        if self.wandb is not None:
+            for key, value in summary.items():
+                if isinstance(value, (int, float)):
+                    self.wandb.summary[key] = value
+            self.wandb.finish()
+        write_json_atomic(self.run_dir / SUMMARY, summary)
+
+    def close(self) -> None:
+        for writer in (self.metrics, self.positions, self.samples):
+            writer.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+
+
+def _start_wandb(run_dir: Path, cfg, config_dict: dict):
+    import wandb
+
+    mode = cfg.mode
+    if mode == "auto":
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+        mode = "online" if has_key else "offline"
+        if mode == "offline":
+            log.info("wandb: no API key configured, logging offline (sync later with `wandb sync %s/wandb`)", run_dir)
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=mode,
+        tags=list(cfg.tags),
+        config=config_dict,
+    )
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False

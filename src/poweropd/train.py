@@ -1,0 +1,680 @@
+"""The one OPD trainer shared by every reward (REFERENCE.md section 1).
+
+One update, top to bottom in `opd_step`:
+
+    prompts --student samples--> rollouts (left-padded prompt | completion up to stop)
+            --teacher scores the same ids (no grad)--> lT_t
+            --student forward (grad)--> lS_t
+            --reward r_t = f(lT_t, sg[lS_t]) [--z-score over the batch]-->
+            loss = -(1/N) sum_t sg[r_t] lS_t        N = valid tokens of the whole batch
+            --backward--> clip at max_grad_norm (the pre-clip norm is logged) --> AdamW step
+
+`reward=full_vocab` swaps reward and loss for the exact token-mean KL(student || teacher).
+No reward-to-go, baseline, PPO ratio, importance weight, KL-to-reference or entropy bonus:
+one optimizer update per batch of fresh rollouts.
+
+Data parallel: run under `accelerate launch`; each process samples its share of the batch
+and every normaliser (N, the z-score moments, the sequence count) is summed over processes
+first, so the gradient is the same global token mean as on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from poweropd.config import Config, ConfigError
+from poweropd.data import PromptSampler, train_rows, val_rows
+from poweropd.grading import extract_boxed
+from poweropd.models import ModelPair, StudentScorer, load_pair, teacher_score
+from poweropd.rewards import get_reward, masked_moments, zscore
+from poweropd.rollout import Rollouts, SamplingParams, chat_prompts, generate
+from poweropd.tracking import (
+    FINAL_MODEL,
+    METRICS,
+    REWARD_DUMP,
+    REWARD_DUMP_ROLLOUTS,
+    RUN_CONFIG,
+    SUMMARY,
+    Tracker,
+    read_jsonl_lenient,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_EMPTY_BATCHES = 5  # consecutive batches without a single valid token: the policy collapsed
+
+
+@dataclass
+class Run:
+    """Everything one training run holds on to."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Accelerator
+    pair: ModelPair
+    scorer: torch.nn.Module  # StudentScorer, wrapped by accelerate (DDP/FSDP) when distributed
+    optimizer: torch.optim.Optimizer
+    sampler: PromptSampler
+    val: list[dict]
+    tracker: Tracker
+
+    @property
+    def student(self):
+        return self.accelerator.unwrap_model(self.scorer).lm
+
+
+# ----------------------------------------------------------------------------------------
+# The update
+
+
+def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
+    """One on-policy update on this process's share `rows` of the prompt batch.
+    Returns (step metrics, per-token tensors for position statistics)."""
+    clock = _Clock(run.accelerator.device)
+    # 1. Sample rollouts from the current student.
+    rollouts = sample_rollouts(run, rows, training_sampling(run.cfg.training))
+    clock.lap("generate")
+    return opd_update(run, rollouts, clock)
+
+
+def opd_update(run: Run, rollouts: Rollouts, clock: _Clock | None = None) -> tuple[dict, dict]:
+    """Steps 2-5 of the update on rollouts the student just sampled."""
+    cfg, acc = run.cfg, run.accelerator
+    tc, rc = cfg.training, cfg.reward
+    clock = clock or _Clock(acc.device)
+    mask_BT = rollouts.loss_mask_BT(rc.stop_token)
+    n_global = int(acc.reduce(mask_BT.sum(), "sum").item())
+    if n_global == 0:  # e.g. every rollout is a bare stop token: nothing to learn from
+        run.optimizer.zero_grad(set_to_none=True)
+        return {"skipped": 1, "n_tokens": 0, **rollout_metrics(acc, rollouts), **clock.metrics()}, {}
+    weights_BT = loss_weights(acc, mask_BT, rc.loss_agg)
+    micro = micro_batches(rollouts.input_ids_BS.shape[0], tc.micro_batch_size)
+
+    # 2. The teacher scores the very same token ids (no grad).
+    teacher_out = [
+        teacher_score(
+            run.pair.teacher,
+            *_model_inputs(rollouts, mask_BT, rows_),
+            tc.logprob_chunk_size,
+            keep_hidden=rc.name == "full_vocab",
+        )
+        for rows_ in micro
+    ]
+    clock.lap("teacher")
+
+    # z-score needs the whole batch's moments before the first backward; with several
+    # micro-batches that takes one extra no-grad student pass.
+    moments = None
+    if rc.normalize == "zscore" and len(micro) > 1:
+        moments = zscore_moments_prepass(run, rollouts, mask_BT, micro, teacher_out)
+
+    # 3. Student log-probs, rewards and the loss; one backward per micro-batch.
+    tokens = {"lT": [], "lS": [], "reward": [], "kl": [], "pos": []}
+    loss_sum = torch.zeros((), device=acc.device)
+    for i, rows_ in enumerate(micro):
+        inputs = _model_inputs(rollouts, mask_BT, rows_)
+        m_BT, w_N = mask_BT[rows_], weights_BT[rows_][mask_BT[rows_]]
+        lT_N, hT_ND = teacher_out[i]
+        sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(run.scorer)
+        with sync:
+            with acc.autocast():
+                if rc.name == "full_vocab":
+                    head_T = run.pair.teacher.get_output_embeddings().weight
+                    loss, kl_N, lS_N, _ = run.scorer(
+                        *inputs, teacher_hidden_ND=hT_ND, teacher_weight_VD=head_T, kl_weights_N=w_N
+                    )
+                    tokens["kl"].append(kl_N)
+                else:
+                    lS_N = run.scorer(*inputs)
+                    r_N = compute_rewards(run, lT_N, lS_N.detach(), moments)
+                    loss = -(r_N * lS_N * w_N).sum()
+                    tokens["reward"].append(r_N)
+            acc.backward(loss)
+        loss_sum += loss.detach()
+        tokens["lT"].append(lT_N)
+        tokens["lS"].append(lS_N.detach())
+        tokens["pos"].append(torch.nonzero(m_BT)[:, 1])
+    clock.lap("student")
+
+    # 4. Clip (logging the norm before clipping) and step.
+    grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    clock.lap("optimizer")
+
+    # 5. Statistics, from tensors already in hand (no extra model pass).
+    flat = {k: torch.cat(v) for k, v in tokens.items() if v}
+    flat["log_ratio"] = flat["lT"] - flat["lS"]
+    gathered = {k: gather_tokens(acc, v) for k, v in flat.items()}
+    metrics = {
+        "loss": (acc.reduce(loss_sum, "sum") / acc.num_processes).item(),
+        "grad_norm": float(grad_norm),
+        "n_tokens": n_global,
+        **rollout_metrics(acc, rollouts),
+        **summarize("log_ratio", gathered["log_ratio"]),
+    }
+    if "reward" in gathered:
+        metrics.update(summarize("reward", gathered["reward"]))
+    if "kl" in gathered:
+        metrics.update(summarize("kl", gathered["kl"]))
+    metrics.update(clock.metrics())
+    metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
+    return metrics, gathered
+
+
+def compute_rewards(run: Run, lT_N, lS_N, moments=None) -> torch.Tensor:
+    """Stop-gradient token rewards from the registry, z-scored over the whole batch if asked."""
+    rc = run.cfg.reward
+    ones_N = torch.ones_like(lT_N)
+    r_N = get_reward(rc.name)(lT_N.float(), lS_N.float(), ones_N, rc)
+    if rc.normalize == "zscore":
+        if moments is None:  # a single micro-batch: this is the whole (per-process) batch
+            moments = run.accelerator.reduce(masked_moments(r_N, ones_N), "sum")
+        r_N = zscore(r_N, ones_N, moments)
+    return r_N.detach()
+
+
+@torch.no_grad()
+def zscore_moments_prepass(run: Run, rollouts: Rollouts, mask_BT, micro, teacher_out) -> torch.Tensor:
+    rc = run.cfg.reward
+    scorer = run.accelerator.unwrap_model(run.scorer)
+    total = torch.zeros(3, dtype=torch.float64, device=run.accelerator.device)
+    for rows_, (lT_N, _) in zip(micro, teacher_out):
+        with run.accelerator.autocast():
+            lS_N = scorer(*_model_inputs(rollouts, mask_BT, rows_))
+        r_N = get_reward(rc.name)(lT_N.float(), lS_N.float(), torch.ones_like(lT_N), rc)
+        total += masked_moments(r_N, torch.ones_like(r_N))
+    return run.accelerator.reduce(total, "sum")
+
+
+def loss_weights(acc: Accelerator, mask_BT: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Per-token weights w so that loss = -sum_t w_t r_t lS_t.
+
+    token_mean: w = 1/N with N the valid tokens of the whole batch (all processes);
+    seq_mean:   w = 1/(B' n_b), the mean over the B' non-empty rollouts of per-rollout means.
+    Multiplied by the number of processes, because DDP averages gradients over them.
+    """
+    mask = mask_BT.float()
+    if loss_agg == "token_mean":
+        denom = acc.reduce(mask.sum(), "sum")
+        return mask / denom * acc.num_processes
+    per_seq_B = mask.sum(-1)
+    n_seqs = acc.reduce((per_seq_B > 0).float().sum(), "sum")
+    return mask / per_seq_B.clamp(min=1)[:, None] / n_seqs * acc.num_processes
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    size = size or n
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _model_inputs(rollouts: Rollouts, mask_BT, rows: slice):
+    return rollouts.input_ids_BS[rows], rollouts.attention_mask_BS[rows], rollouts.prompt_len, mask_BT[rows]
+
+
+# ----------------------------------------------------------------------------------------
+# Rollouts, validation and the pre-training reward dump
+
+
+def training_sampling(tc) -> SamplingParams:
+    return SamplingParams(tc.max_new_tokens, tc.temperature, tc.top_p, tc.top_k)
+
+
+def validation_sampling(tc) -> SamplingParams:
+    return SamplingParams(
+        tc.val_max_new_tokens,
+        max(tc.val_temperature, 1e-6),
+        tc.val_top_p,
+        tc.val_top_k,
+        greedy=tc.val_temperature == 0,
+    )
+
+
+def sample_rollouts(run: Run, rows: list[dict], params: SamplingParams, repeats: int | None = None) -> Rollouts:
+    cfg = run.cfg
+    repeats = cfg.training.rollouts_per_prompt if repeats is None else repeats
+    prompts = chat_prompts(run.pair.tokenizer, [r["problem"] for r in rows], cfg.model_pair.instruction)
+    prompts = [p for p in prompts for _ in range(repeats)]
+    return generate(
+        run.student, prompts, params, run.pair.stop_ids, run.pair.pad_id, cfg.training.gen_batch_size or None
+    )
+
+
+def rollout_metrics(acc: Accelerator, rollouts: Rollouts) -> dict:
+    lengths = gather_tokens(acc, rollouts.lengths_B.float())
+    stopped = gather_tokens(acc, rollouts.stopped_B.float())
+    return {
+        "response_length": lengths.mean().item(),
+        "truncation_rate": 1.0 - stopped.mean().item(),
+        "n_generated": int(lengths.sum().item()),
+    }
+
+
+@torch.no_grad()
+def validate(run: Run, step: int) -> dict:
+    """Accuracy of one sample per held-out problem; sampling uses its own RNG stream so
+    that validating more or less often never changes the training trajectory."""
+    acc = run.accelerator
+    rows = run.val[acc.process_index :: acc.num_processes]
+    if not rows:
+        return {}
+    tok = run.pair.tokenizer
+    with _private_rng(acc, run.cfg.seed * 7919 + step):
+        rollouts = sample_rollouts(run, rows, validation_sampling(run.cfg.training), repeats=1)
+    texts = tok.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
+    correct = torch.tensor([float(extract_boxed(t) == r["answer"]) for t, r in zip(texts, rows)], device=acc.device)
+    correct = gather_tokens(acc, correct)
+    out = {
+        "val/accuracy": correct.mean().item(),
+        **{f"val/{k}": v for k, v in rollout_metrics(acc, rollouts).items() if k != "n_generated"},
+    }
+    run.tracker.log_samples(
+        step,
+        [
+            {"id": r["id"], "response": t, "answer": r["answer"], "correct": extract_boxed(t) == r["answer"]}
+            for r, t in list(zip(rows, texts))[:4]
+        ],
+    )
+    return out
+
+
+@torch.no_grad()
+def reward_dump(run: Run) -> dict:
+    """Every token-level reward of rollouts on M held-out prompts, before any update
+    (the paper's Figure 2a data). Runs on the main process only."""
+    acc, tc, rc = run.accelerator, run.cfg.training, run.cfg.reward
+    if not acc.is_main_process:
+        return {}
+    rows = val_rows(tc.val_data, tc.reward_dump_prompts, seed=0) if tc.val_data != "none" else []
+    rows = rows or run.sampler.rows[: tc.reward_dump_prompts]
+    with _private_rng(acc, run.cfg.seed * 104729 + 1):
+        rollouts = sample_rollouts(run, rows, training_sampling(tc), repeats=1)
+    mask_BT = rollouts.loss_mask_BT(rc.stop_token)
+    inputs = (rollouts.input_ids_BS, rollouts.attention_mask_BS, rollouts.prompt_len, mask_BT)
+    lT_N, _ = teacher_score(run.pair.teacher, *inputs, tc.logprob_chunk_size)
+    with acc.autocast():
+        lS_N = acc.unwrap_model(run.scorer)(*inputs).float()
+    where = torch.nonzero(mask_BT)
+    arrays = {
+        "rollout": where[:, 0],
+        "position": where[:, 1],
+        "token_id": rollouts.completion_ids_BT[mask_BT],
+        "teacher_logprob": lT_N,
+        "student_logprob": lS_N,
+        "log_ratio": lT_N - lS_N,
+    }
+    if rc.name != "full_vocab":
+        ones = torch.ones_like(lT_N)
+        r_N = get_reward(rc.name)(lT_N, lS_N, ones, rc)
+        arrays["reward"] = zscore(r_N, ones, masked_moments(r_N, ones)) if rc.normalize == "zscore" else r_N
+    np.savez_compressed(run.run_dir / REWARD_DUMP, **{k: v.cpu().numpy() for k, v in arrays.items()})
+    texts = run.pair.tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
+    with (run.run_dir / REWARD_DUMP_ROLLOUTS).open("w", encoding="utf-8") as handle:
+        for i, (row, text) in enumerate(zip(rows, texts)):
+            record = {
+                "rollout": i,
+                "id": row["id"],
+                "response": text,
+                "length": int(rollouts.lengths_B[i]),
+                "stopped": bool(rollouts.stopped_B[i]),
+            }
+            handle.write(json.dumps(record) + "\n")
+    out = {"dump/n_tokens": int(mask_BT.sum()), "dump/prompts": len(rows)}
+    out.update({f"dump/{k}": v for k, v in summarize("log_ratio", arrays["log_ratio"]).items()})
+    if "reward" in arrays:
+        out.update({f"dump/{k}": v for k, v in summarize("reward", arrays["reward"]).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics
+
+
+def gather_tokens(acc: Accelerator, x_N: torch.Tensor) -> torch.Tensor:
+    """Concatenate a variable-length 1-D tensor over all processes."""
+    if acc.num_processes == 1:
+        return x_N
+    x = x_N.float()
+    padded = acc.pad_across_processes(x, dim=0, pad_index=float("nan"))
+    out = acc.gather(padded)
+    return out[~torch.isnan(out)]
+
+
+def summarize(prefix: str, x_N: torch.Tensor) -> dict:
+    """mean, population std, min, max, 5th and 95th percentile of a token vector."""
+    if x_N.numel() == 0:
+        return {}
+    x = x_N.detach().double()
+    q = torch.quantile(x, torch.tensor([0.05, 0.95], dtype=x.dtype, device=x.device))
+    return {
+        f"{prefix}/mean": x.mean().item(),
+        f"{prefix}/std": x.std(unbiased=False).item(),
+        f"{prefix}/min": x.min().item(),
+        f"{prefix}/max": x.max().item(),
+        f"{prefix}/p5": q[0].item(),
+        f"{prefix}/p95": q[1].item(),
+    }
+
+
+def position_stats(tokens: dict) -> dict:
+    """Mean / min / max of the reward (and raw log-ratio) at each rollout position."""
+    pos = tokens["pos"].long()
+    size = int(pos.max().item()) + 1
+    count = torch.bincount(pos, minlength=size).double()
+    record = {"position": list(range(size)), "count": count.long().tolist()}
+    for name in ("reward", "log_ratio", "kl"):
+        if name not in tokens:
+            continue
+        v = tokens[name].double()
+        total = torch.zeros(size, dtype=v.dtype, device=v.device).index_add_(0, pos, v)
+        lo = torch.full((size,), math.inf, dtype=v.dtype, device=v.device).scatter_reduce(0, pos, v, "amin")
+        hi = torch.full((size,), -math.inf, dtype=v.dtype, device=v.device).scatter_reduce(0, pos, v, "amax")
+        empty = count == 0
+        record[f"{name}_mean"] = (total / count.clamp(min=1)).masked_fill(empty, math.nan).tolist()
+        record[f"{name}_min"] = lo.masked_fill(empty, math.nan).tolist()
+        record[f"{name}_max"] = hi.masked_fill(empty, math.nan).tolist()
+    return record
+
+
+class _Clock:
+    """Wall-clock laps (synchronising CUDA first) and peak memory of one step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = self.last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    def metrics(self) -> dict:
+        out = {"step_time": self.last - self.start, **{f"time/{k}": v for k, v in self.laps.items()}}
+        out["mem/peak_gb"] = peak_memory_gb(self.cuda)
+        return out
+
+
+def peak_memory_gb(cuda: bool) -> float:
+    """CUDA: peak allocated during this step. CPU: the process's peak RSS so far."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@contextlib.contextmanager
+def _private_rng(acc: Accelerator, seed: int):
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + acc.process_index)
+        yield
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return setting
+
+
+def lr_at(tc, step: int) -> float:
+    """Learning rate of update `step` (1-based): linear warmup, then constant or cosine."""
+    if tc.warmup_steps and step <= tc.warmup_steps:
+        return tc.lr * step / tc.warmup_steps
+    if tc.lr_schedule == "cosine":
+        progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+        return tc.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return tc.lr
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Run (or resume) one OPD training run in `run_dir`; returns the summary."""
+    wall_start = time.time()
+    acc = make_accelerator(cfg)
+    run_dir = shared_run_dir(acc, run_dir)
+    if (run_dir / SUMMARY).exists():
+        log.info("%s already holds a finished run (summary.json); nothing to do", run_dir)
+        return json.loads((run_dir / SUMMARY).read_text())
+    run = setup_run(cfg, run_dir, acc)
+    try:
+        return _loop(run, wall_start)
+    except BaseException:
+        run.tracker.close()
+        raise
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    tc = cfg.training
+    acc = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
+    per_process = tc.batch_size // acc.num_processes
+    if tc.batch_size % acc.num_processes or per_process % tc.rollouts_per_prompt:
+        raise ConfigError(
+            f"training.batch_size={tc.batch_size} must split evenly over {acc.num_processes} process(es) "
+            f"into whole prompts of training.rollouts_per_prompt={tc.rollouts_per_prompt} rollouts"
+        )
+    return acc
+
+
+def shared_run_dir(acc: Accelerator, run_dir: Path) -> Path:
+    """Under `accelerate launch` every process composed its own Hydra run directory (their
+    timestamps can differ by a second); all of them use the main process's one."""
+    if acc.num_processes == 1:
+        return run_dir
+    from accelerate.utils import broadcast_object_list
+
+    chosen = Path(broadcast_object_list([str(run_dir)])[0])
+    if chosen != run_dir and run_dir.is_dir():
+        leftovers = {p.name for p in run_dir.iterdir()}
+        if leftovers <= {".hydra", "run.log"}:  # only what Hydra itself wrote there
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return chosen
+
+
+def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run:
+    """Data, model pair, optimizer and run-directory writers."""
+    tc = cfg.training
+    acc = acc or make_accelerator(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed + acc.process_index)
+
+    rows = train_rows(tc.train_data, tc.data_dir, seed=0)
+    val = val_rows(tc.val_data, tc.val_size, seed=0)
+    pair = load_pair(cfg.model_pair, acc.device)
+    if tc.gradient_checkpointing:
+        pair.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = StudentScorer(pair.student, tc.logprob_chunk_size)
+    optimizer = torch.optim.AdamW(
+        scorer.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
+    )
+    scorer, optimizer = acc.prepare(scorer, optimizer)
+    tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
+    return Run(cfg, run_dir, acc, pair, scorer, optimizer, PromptSampler(rows, cfg.seed), val, tracker)
+
+
+def _loop(run: Run, wall_start: float) -> dict:
+    cfg, acc, tracker = run.cfg, run.accelerator, run.tracker
+    tc = cfg.training
+    start_step, resumed_from = 0, None
+    checkpoint = latest_checkpoint(run.run_dir)
+    if checkpoint is not None:
+        check_resume_config(run)
+        state = load_checkpoint(checkpoint, acc)
+        start_step = resumed_from = int(state["step"])
+        run.sampler.load_state_dict(state["sampler"])
+        tracker.rewind(start_step)
+        log.info("resumed from %s (step %d of %d)", checkpoint, start_step, tc.steps)
+    else:
+        tracker.start_fresh()
+        if acc.is_main_process:
+            record_run_config(run)
+        initial = reward_dump(run) if tc.reward_dump_prompts else {}
+        if run.val:
+            initial.update(validate(run, 0))
+        tracker.log(0, initial)
+
+    global_prompts = tc.batch_size // tc.rollouts_per_prompt
+    share = global_prompts // acc.num_processes
+    empty_streak, status, step = 0, "finished", start_step
+    bar = tqdm(
+        total=tc.steps,
+        initial=start_step,
+        desc=f"OPD {cfg.reward.label}",
+        unit="step",
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+    )
+    for step in range(start_step + 1, tc.steps + 1):
+        lr = lr_at(tc, step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        batch = run.sampler.next_batch(global_prompts)
+        rows = batch[acc.process_index * share : (acc.process_index + 1) * share]
+        metrics, tokens = opd_step(run, rows)
+        metrics["lr"] = lr
+        if run.val and ((tc.val_every and step % tc.val_every == 0) or step == tc.steps):
+            metrics.update(validate(run, step))
+        tracker.log(step, metrics)
+        if tokens and tc.position_stats_every and step % tc.position_stats_every == 0:
+            tracker.log_positions(step, position_stats(tokens))
+        empty_streak = empty_streak + 1 if metrics.get("skipped") else 0
+        bar.update()
+        bar.set_postfix(_postfix(metrics), refresh=False)
+        if empty_streak >= MAX_EMPTY_BATCHES:
+            status = "collapsed"
+            log.warning("%d batches in a row had no valid completion token; stopping at step %d", empty_streak, step)
+            break
+        if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
+            save_checkpoint(
+                run.run_dir,
+                step,
+                acc,
+                run.student,
+                run.pair.tokenizer,
+                {"sampler": run.sampler.state_dict()},
+                tc.keep_checkpoints,
+            )
+    bar.close()
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.student.save_pretrained(run.run_dir / FINAL_MODEL, safe_serialization=True)
+        run.pair.tokenizer.save_pretrained(run.run_dir / FINAL_MODEL)
+    summary = build_summary(run, status, step, resumed_from, wall_start)
+    tracker.finish(summary)
+    return summary
+
+
+# Keys a resumed run may change: how long it runs and where it reports.
+RESUMABLE_CHANGES = ("training.steps", "training.save_every", "training.keep_checkpoints", "logger.", "output_root")
+
+
+def record_run_config(run: Run) -> None:
+    """Keep the config this run started with (Hydra rewrites .hydra/ on every launch)."""
+    write_json_atomic(run.run_dir / RUN_CONFIG, asdict(run.cfg))
+    hydra_dir = run.run_dir / ".hydra"
+    if hydra_dir.is_dir():
+        first = hydra_dir / "first_launch"
+        first.mkdir(exist_ok=True)
+        for path in hydra_dir.glob("*.yaml"):
+            shutil.copy2(path, first / path.name)
+
+
+def check_resume_config(run: Run) -> None:
+    """Refuse to resume a run directory with a different experiment config."""
+    path = run.run_dir / RUN_CONFIG
+    if not path.exists():
+        return
+    before, now = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(asdict(run.cfg))))
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if not changed:
+        return
+    first = run.run_dir / ".hydra" / "first_launch"
+    if run.accelerator.is_main_process and first.is_dir():  # undo Hydra's rewrite of .hydra/
+        for saved in first.glob("*.yaml"):
+            shutil.copy2(saved, run.run_dir / ".hydra" / saved.name)
+    diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+    more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+    raise ConfigError(
+        f"{run.run_dir} holds a run with a different config ({diffs}{more}); resume it with its original "
+        "overrides, or choose a new hydra.run.dir"
+    )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _postfix(metrics: dict) -> dict:
+    out = {}
+    for key, name in (("loss", "loss"), ("grad_norm", "gnorm"), ("response_length", "len"), ("val/accuracy", "val")):
+        if isinstance(metrics.get(key), (int, float)):
+            out[name] = f"{metrics[key]:.3g}"
+    return out
+
+
+def build_summary(run: Run, status: str, last_step: int, resumed_from, wall_start: float) -> dict:
+    cfg = run.cfg
+    rows, bad = read_jsonl_lenient(run.run_dir / METRICS) if run.accelerator.is_main_process else ([], [])
+    steps = [r for r in rows if r.get("step", 0) > 0]
+    vals = [(r["step"], r["val/accuracy"]) for r in rows if r.get("val/accuracy") is not None]
+    times = [r["step_time"] for r in steps if r.get("step_time") is not None]
+    tps = [r["tokens_per_s"] for r in steps if r.get("tokens_per_s") is not None]
+    mems = [r["mem/peak_gb"] for r in steps if r.get("mem/peak_gb") is not None]
+    return {
+        "status": status,
+        "steps": last_step,
+        "method": cfg.reward.label,
+        "reward": cfg.reward.name,
+        "alpha": cfg.reward.alpha if cfg.reward.name == "power" else None,
+        "model_pair": cfg.model_pair.name,
+        "teacher": run.pair.teacher_path,
+        "student": run.pair.student_path,
+        "seed": cfg.seed,
+        "val_accuracy_initial": vals[0][1] if vals and vals[0][0] == 0 else None,
+        "val_accuracy_final": vals[-1][1] if vals else None,
+        "val_accuracy_best": max(v for _, v in vals) if vals else None,
+        "median_step_time": statistics.median(times) if times else None,
+        "median_tokens_per_s": statistics.median(tps) if tps else None,
+        "peak_mem_gb": max(mems) if mems else None,
+        "empty_batches": sum(1 for r in steps if r.get("skipped")),
+        "metrics_lines": len(rows),
+        "unreadable_metrics_lines": bad,
+        "resumed_from_step": resumed_from,
+        "wall_time_s": time.time() - wall_start,
+        "processes": run.accelerator.num_processes,
+        "device": str(run.accelerator.device),
+    }

@@ -1,0 +1,80 @@
+"""Shared fixtures: a micro toy pair built in seconds, and Hydra composition helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# A pair small enough to build in a few seconds: it is not accurate, it only has to run.
+MICRO_PAIR = [
+    "model_pair.toy.teacher.layers=1",
+    "model_pair.toy.teacher.hidden=32",
+    "model_pair.toy.teacher.heads=2",
+    "model_pair.toy.teacher.kv_heads=1",
+    "model_pair.toy.teacher.intermediate=64",
+    "model_pair.toy.teacher.sft_steps=6",
+    "model_pair.toy.student.layers=1",
+    "model_pair.toy.student.hidden=16",
+    "model_pair.toy.student.heads=2",
+    "model_pair.toy.student.kv_heads=1",
+    "model_pair.toy.student.intermediate=32",
+    "model_pair.toy.student.sft_steps=3",
+    "model_pair.toy.batch_size=8",
+    "model_pair.toy.warmup_steps=2",
+    "model_pair.toy.eval_problems=8",
+]
+
+# A training run of a few seconds on the micro pair.
+MICRO_TRAINING = [
+    "training.steps=4",
+    "training.batch_size=8",
+    "training.max_new_tokens=24",
+    "training.val_size=8",
+    "training.val_every=2",
+    "training.val_max_new_tokens=24",
+    "training.position_stats_every=2",
+    "training.reward_dump_prompts=6",
+    "training.save_every=2",
+]
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory) -> Path:
+    """One cache directory for the whole session, so the micro pair is built once."""
+    path = tmp_path_factory.mktemp("toy_cache")
+    os.environ["POWEROPD_CACHE"] = str(path)
+    return path
+
+
+def compose(overrides: list[str]):
+    """Compose conf/config.yaml the way run.py does; returns the DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from poweropd.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+def make_config(overrides: list[str]):
+    from poweropd.config import to_config
+
+    return to_config(compose(overrides))
+
+
+@pytest.fixture(scope="session")
+def micro_pair(toy_cache):
+    """(Config, ModelPair) of the micro toy pair on CPU, built once per session."""
+    import torch
+
+    from poweropd.models import load_pair
+
+    cfg = make_config(MICRO_PAIR + MICRO_TRAINING + [f"model_pair.cache_dir={toy_cache}"])
+    return cfg, load_pair(cfg.model_pair, torch.device("cpu"))

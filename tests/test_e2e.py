@@ -1,0 +1,162 @@
+"""End-to-end runs of run.py on the micro toy pair: the run-directory contract,
+kill-and-resume, W&B mirroring and the toy pair's determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
+
+STEP_KEYS = {
+    "loss", "grad_norm", "lr", "step_time", "tokens_per_s", "response_length", "truncation_rate", "n_tokens",
+    *(f"{p}/{s}" for p in ("reward", "log_ratio") for s in ("mean", "std", "min", "max", "p5", "p95")),
+}
+
+
+def run_py(run_dir: Path, toy_cache: Path, *extra: str, wait: bool = True, timeout: int = 300):
+    cmd = [sys.executable, "run.py", *MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}",
+           f"hydra.run.dir={run_dir}", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contract(tmp_path, toy_cache):
+    run_dir = tmp_path / "run"
+    run_py(run_dir, toy_cache, "reward=power", "reward.alpha=3")
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "run_config.json", "metrics.jsonl",
+                 "positions.jsonl", "reward_dump.npz", "reward_dump_rollouts.jsonl", "samples.jsonl",
+                 "summary.json", "student/config.json", "student/model.safetensors", "student/tokenizer.json",
+                 "checkpoints/latest"):
+        assert (run_dir / name).exists(), name
+
+    rows = metrics_of(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert "val/accuracy" in rows[0] and "dump/log_ratio/min" in rows[0]  # before any update
+    for row in rows[1:]:
+        assert STEP_KEYS <= set(row), STEP_KEYS - set(row)
+        assert -1.0 <= row["reward/min"] <= row["reward/max"] <= 1.0  # PowerOPD is bounded
+        assert row["lr"] == pytest.approx(1e-4)
+    assert all("val/accuracy" in rows[s] for s in (2, 4)) and "val/accuracy" not in rows[1]
+
+    positions = [json.loads(line) for line in (run_dir / "positions.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in positions] == [2, 4]
+    for p in positions:
+        assert len(p["position"]) == len(p["count"]) == len(p["reward_mean"]) == len(p["log_ratio_max"])
+        assert sum(p["count"]) == rows[p["step"]]["n_tokens"]
+
+    dump = np.load(run_dir / "reward_dump.npz")
+    assert {"rollout", "position", "teacher_logprob", "student_logprob", "log_ratio", "reward"} <= set(dump.files)
+    np.testing.assert_allclose(dump["log_ratio"], dump["teacher_logprob"] - dump["student_logprob"], atol=1e-6)
+    np.testing.assert_allclose(dump["reward"], np.exp(3 * dump["teacher_logprob"]) - np.exp(3 * dump["student_logprob"]),
+                               atol=1e-6)
+    assert len(dump["log_ratio"]) == rows[0]["dump/n_tokens"]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 4 and summary["method"] == "PowerOPD α=3"
+    assert summary["metrics_lines"] == 5 and summary["median_step_time"] > 0
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    tok = AutoTokenizer.from_pretrained(run_dir / "student")
+    assert model.config.vocab_size == len(tok)
+
+    # a second launch of a finished run does nothing and rewrites nothing
+    before = (run_dir / "metrics.jsonl").read_text()
+    run_py(run_dir, toy_cache, "reward=power", "reward.alpha=3")
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_kill_and_resume_gives_one_line_per_step(tmp_path, toy_cache):
+    args = ("training.steps=8", "training.save_every=2", "reward=vanilla")
+    reference = tmp_path / "uninterrupted"
+    run_py(reference, toy_cache, *args)
+
+    run_dir = tmp_path / "killed"
+    proc = run_py(run_dir, toy_cache, *args, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once a checkpoint exists and more steps were logged after it
+        metrics = run_dir / "metrics.jsonl"
+        if (run_dir / "checkpoints" / "latest").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be killed:\n" + proc.stdout.read()[-2000:])
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+
+    run_py(run_dir, toy_cache, *args)
+    rows, expected = metrics_of(run_dir), metrics_of(reference)
+    assert [r["step"] for r in rows] == list(range(9))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] in (2, 4, 6)
+    # The resumed run restores model, optimizer, RNG and data position: same numbers.
+    for got, want in zip(rows, expected):
+        for key in ("loss", "grad_norm", "n_tokens", "log_ratio/mean"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
+
+
+def test_resume_refuses_a_different_config(tmp_path, toy_cache):
+    run_dir = tmp_path / "run"
+    proc = run_py(run_dir, toy_cache, "training.steps=3", "training.save_every=1", "reward=power", wait=False)
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    original = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    cmd = [sys.executable, "run.py", *MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}",
+           f"hydra.run.dir={run_dir}", "training.steps=3", "training.save_every=1", "reward=power", "reward.alpha=50"]
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "reward.alpha: 5.0 -> 50.0" in bad.stderr and "\n" not in bad.stderr.strip()
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == original  # nothing already written is lost
+
+
+def test_wandb_mirror_offline(tmp_path, toy_cache):
+    run_dir = tmp_path / "run"
+    run_py(run_dir, toy_cache, "logger=wandb", "logger.mode=offline", "training.steps=2",
+           "training.save_every=0")
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "summary.json").exists()
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline and list(offline[0].glob("*.wandb"))
+
+
+def test_toy_pair_build_is_deterministic(tmp_path):
+    from poweropd.toy.build import ensure_toy_pair
+    from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
+
+    spec = ToyPairSpec(batch_size=4, warmup_steps=1, eval_problems=4,
+                       teacher=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=3),
+                       student=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2))
+    a, b = ensure_toy_pair(spec, tmp_path / "a"), ensure_toy_pair(spec, tmp_path / "b")
+    assert a.name == b.name  # same spec, same cache key
+    from safetensors.torch import load_file
+
+    for role in ("teacher", "student"):
+        wa, wb = load_file(a / role / "model.safetensors"), load_file(b / role / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    other = ensure_toy_pair(ToyPairSpec(**{**spec.__dict__, "seed": 1}), tmp_path / "a")
+    assert other != a
+    w_other = load_file(other / "student" / "model.safetensors")
+    assert not all(torch.equal(w_other[k], wa[k]) for k in wa)
