@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CONF_DIR, ROOT, compose, make_config
+
 from poweropd.config import (
     REWARD_NAMES,
     ConfigError,
@@ -53,8 +53,9 @@ def test_paper_settings_follow_reference():
     assert (m.teacher, m.student, m.enable_thinking) == ("Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B-Base", False)
     assert m.student_dtype == "float32" and m.teacher_dtype == "auto" and t.mixed_precision == "auto"
     assert cfg.reward.alpha == 500
-    pairs = {make_config([f"model_pair={p}"]).model_pair.teacher + "->" + make_config([f"model_pair={p}"]).model_pair.student
-             for p in group_options(CONF_DIR, "model_pair") if p.startswith("qwen3")}
+    qwen = [p for p in group_options(CONF_DIR, "model_pair") if p.startswith("qwen3")]
+    pair_cfgs = [make_config([f"model_pair={p}"]).model_pair for p in qwen]
+    pairs = {f"{p.teacher}->{p.student}" for p in pair_cfgs}
     assert pairs == {f"Qwen/Qwen3-{t}->Qwen/Qwen3-{s}-Base" for t in ("4B", "8B") for s in ("0.6B", "1.7B")}
 
 
@@ -90,32 +91,42 @@ def test_readme_command_composes(args):
         make_config([v for v in variant if not v.startswith("hydra.")])
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["reward.alhpa=5"], r"unknown config key 'reward.alhpa' \(did you mean 'reward.alpha'\?\); valid keys under reward: alpha, clip_high"),
-    (["reward=powr"], r"unknown reward 'powr'; valid: clip, full_vocab, power, tanh, vanilla, zscore"),
-    (["model_pair=qwen4"], r"unknown model_pair 'qwen4'; valid: custom, qwen3_4b_0.6b"),
-    (["reward.alpha=abc"], r"reward.alpha='abc' has the wrong type: expected float"),
-    (["training.steps=1.5"], r"training.steps=1.5 has the wrong type: expected int"),
-    (["trainig.steps=3"], r"unknown config key 'trainig.steps' \(did you mean 'training'\?\)"),
-    (["reward.alpha.x=3"], r"config key 'reward.alpha' has no sub-keys"),
-    (["-m", "reward=power,tahn"], r"unknown reward 'tahn'"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["reward.alhpa=5"],
+            r"unknown config key 'reward.alhpa' \(did you mean 'reward.alpha'\?\); "
+            r"valid keys under reward: alpha, clip_high",
+        ),
+        (["reward=powr"], r"unknown reward 'powr'; valid: clip, full_vocab, power, tanh, vanilla, zscore"),
+        (["model_pair=qwen4"], r"unknown model_pair 'qwen4'; valid: custom, qwen3_4b_0.6b"),
+        (["reward.alpha=abc"], r"reward.alpha='abc' has the wrong type: expected float"),
+        (["training.steps=1.5"], r"training.steps=1.5 has the wrong type: expected int"),
+        (["trainig.steps=3"], r"unknown config key 'trainig.steps' \(did you mean 'training'\?\)"),
+        (["reward.alpha.x=3"], r"config key 'reward.alpha' has no sub-keys"),
+        (["-m", "reward=power,tahn"], r"unknown reward 'tahn'"),
+    ],
+)
 def test_bad_overrides_fail_with_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
         check_overrides(cli_overrides(overrides), CONF_DIR)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["reward=power", "reward.alpha=0"], "reward.alpha must be > 0"),
-    (["reward=power", "reward.alpha=-3"], "reward.alpha must be > 0"),
-    (["reward=clip", "reward.clip_low=1", "reward.clip_high=-1"], "clip_low"),
-    (["reward=tanh", "reward.tau=0"], "reward.tau must be > 0"),
-    (["reward=vanilla", "reward.normalize=zscore"], "never normalises"),
-    (["training.top_p=1.5"], r"training.top_p must be in \(0, 1\]"),
-    (["training.batch_size=6", "training.rollouts_per_prompt=4"], "multiple of"),
-    (["model_pair=custom"], "model_pair.teacher"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["reward=power", "reward.alpha=0"], "reward.alpha must be > 0"),
+        (["reward=power", "reward.alpha=-3"], "reward.alpha must be > 0"),
+        (["reward=clip", "reward.clip_low=1", "reward.clip_high=-1"], "clip_low"),
+        (["reward=tanh", "reward.tau=0"], "reward.tau must be > 0"),
+        (["reward=vanilla", "reward.normalize=zscore"], "never normalises"),
+        (["training.top_p=1.5"], r"training.top_p must be in \(0, 1\]"),
+        (["training.batch_size=6", "training.rollouts_per_prompt=4"], "multiple of"),
+        (["model_pair=custom"], "model_pair.teacher"),
+    ],
+)
 def test_bad_values_fail_with_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
         make_config(overrides)
@@ -144,7 +155,10 @@ def test_run_py_reports_bad_input_in_one_line(tmp_path):
     for args, expected in cases:
         proc = subprocess.run(
             [sys.executable, "run.py", *args, f"output_root={tmp_path}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 2, proc.stderr
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,18 +15,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
 
 STEP_KEYS = {
-    "loss", "grad_norm", "lr", "step_time", "tokens_per_s", "response_length", "truncation_rate", "n_tokens",
+    "loss",
+    "grad_norm",
+    "lr",
+    "step_time",
+    "tokens_per_s",
+    "response_length",
+    "truncation_rate",
+    "n_tokens",
     *(f"{p}/{s}" for p in ("reward", "log_ratio") for s in ("mean", "std", "min", "max", "p5", "p95")),
 }
 
 
 def run_py(run_dir: Path, toy_cache: Path, *extra: str, wait: bool = True, timeout: int = 300):
-    cmd = [sys.executable, "run.py", *MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}",
-           f"hydra.run.dir={run_dir}", *extra]
+    cmd = [
+        sys.executable,
+        "run.py",
+        *MICRO_PAIR,
+        *MICRO_TRAINING,
+        f"model_pair.cache_dir={toy_cache}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -41,10 +55,21 @@ def metrics_of(run_dir: Path) -> list[dict]:
 def test_run_directory_contract(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     run_py(run_dir, toy_cache, "reward=power", "reward.alpha=3")
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "run_config.json", "metrics.jsonl",
-                 "positions.jsonl", "reward_dump.npz", "reward_dump_rollouts.jsonl", "samples.jsonl",
-                 "summary.json", "student/config.json", "student/model.safetensors", "student/tokenizer.json",
-                 "checkpoints/latest"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "run_config.json",
+        "metrics.jsonl",
+        "positions.jsonl",
+        "reward_dump.npz",
+        "reward_dump_rollouts.jsonl",
+        "samples.jsonl",
+        "summary.json",
+        "student/config.json",
+        "student/model.safetensors",
+        "student/tokenizer.json",
+        "checkpoints/latest",
+    ):
         assert (run_dir / name).exists(), name
 
     rows = metrics_of(run_dir)
@@ -65,8 +90,9 @@ def test_run_directory_contract(tmp_path, toy_cache):
     dump = np.load(run_dir / "reward_dump.npz")
     assert {"rollout", "position", "teacher_logprob", "student_logprob", "log_ratio", "reward"} <= set(dump.files)
     np.testing.assert_allclose(dump["log_ratio"], dump["teacher_logprob"] - dump["student_logprob"], atol=1e-6)
-    np.testing.assert_allclose(dump["reward"], np.exp(3 * dump["teacher_logprob"]) - np.exp(3 * dump["student_logprob"]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        dump["reward"], np.exp(3 * dump["teacher_logprob"]) - np.exp(3 * dump["student_logprob"]), atol=1e-6
+    )
     assert len(dump["log_ratio"]) == rows[0]["dump/n_tokens"]
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -95,7 +121,11 @@ def test_kill_and_resume_gives_one_line_per_step(tmp_path, toy_cache):
     deadline = time.time() + 240
     while time.time() < deadline:  # kill once a checkpoint exists and more steps were logged after it
         metrics = run_dir / "metrics.jsonl"
-        if (run_dir / "checkpoints" / "latest").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+        if (
+            (run_dir / "checkpoints" / "latest").exists()
+            and metrics.exists()
+            and len(metrics.read_text().splitlines()) >= 4
+        ):
             break
         if proc.poll() is not None:
             pytest.fail("the run finished before it could be killed:\n" + proc.stdout.read()[-2000:])
@@ -125,8 +155,18 @@ def test_resume_refuses_a_different_config(tmp_path, toy_cache):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     original = (run_dir / ".hydra" / "overrides.yaml").read_text()
-    cmd = [sys.executable, "run.py", *MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}",
-           f"hydra.run.dir={run_dir}", "training.steps=3", "training.save_every=1", "reward=power", "reward.alpha=50"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        *MICRO_PAIR,
+        *MICRO_TRAINING,
+        f"model_pair.cache_dir={toy_cache}",
+        f"hydra.run.dir={run_dir}",
+        "training.steps=3",
+        "training.save_every=1",
+        "reward=power",
+        "reward.alpha=50",
+    ]
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "reward.alpha: 5.0 -> 50.0" in bad.stderr and "\n" not in bad.stderr.strip()
@@ -135,8 +175,7 @@ def test_resume_refuses_a_different_config(tmp_path, toy_cache):
 
 def test_wandb_mirror_offline(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
-    run_py(run_dir, toy_cache, "logger=wandb", "logger.mode=offline", "training.steps=2",
-           "training.save_every=0")
+    run_py(run_dir, toy_cache, "logger=wandb", "logger.mode=offline", "training.steps=2", "training.save_every=0")
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "summary.json").exists()
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb"))
@@ -146,9 +185,13 @@ def test_toy_pair_build_is_deterministic(tmp_path):
     from poweropd.toy.build import ensure_toy_pair
     from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
 
-    spec = ToyPairSpec(batch_size=4, warmup_steps=1, eval_problems=4,
-                       teacher=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=3),
-                       student=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2))
+    spec = ToyPairSpec(
+        batch_size=4,
+        warmup_steps=1,
+        eval_problems=4,
+        teacher=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=3),
+        student=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2),
+    )
     a, b = ensure_toy_pair(spec, tmp_path / "a"), ensure_toy_pair(spec, tmp_path / "b")
     assert a.name == b.name  # same spec, same cache key
     from safetensors.torch import load_file
@@ -160,3 +203,40 @@ def test_toy_pair_build_is_deterministic(tmp_path):
     assert other != a
     w_other = load_file(other / "student" / "model.safetensors")
     assert not all(torch.equal(w_other[k], wa[k]) for k in wa)
+
+
+def test_data_parallel_with_two_processes(tmp_path, toy_cache):
+    """Two CPU processes (gloo) started by torchrun, the launcher `accelerate launch` uses
+    for multi-GPU runs: one shared run directory, one metrics line per step, statistics
+    over both processes' tokens."""
+    run_dir = tmp_path / "ddp"
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        "run.py",
+        *MICRO_PAIR,
+        *MICRO_TRAINING,
+        f"model_pair.cache_dir={toy_cache}",
+        f"hydra.run.dir={run_dir}",
+        "training.steps=3",
+        "reward=full_vocab",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = metrics_of(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2
+    for row in rows[1:]:
+        assert row["kl/min"] >= -1e-6 and row["n_tokens"] > 0
+        # statistics are gathered over both processes' tokens
+        assert row["n_generated"] >= row["n_tokens"]

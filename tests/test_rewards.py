@@ -31,7 +31,9 @@ def test_power_is_bounded_by_one(alpha):
     assert torch.isfinite(r).all()
     assert r.abs().max() <= 1.0
     # the bound is attained: teacher certain, student impossible
-    r_max = get_reward("power")(torch.tensor([0.0]), torch.tensor([-1e7]), torch.ones(1), cfg(name="power", alpha=alpha))
+    r_max = get_reward("power")(
+        torch.tensor([0.0]), torch.tensor([-1e7]), torch.ones(1), cfg(name="power", alpha=alpha)
+    )
     assert r_max.item() == pytest.approx(1.0)
 
 
@@ -48,10 +50,17 @@ def test_vanilla_is_unbounded():
     assert r.min() <= -1e4 + 1 and r.max() >= 1e4 - 1
 
 
-@pytest.mark.parametrize("name,params", [
-    ("vanilla", {}), ("clip", {}), ("clip", {"clip_low": -0.5, "clip_high": 2.0}), ("tanh", {"tau": 0.3}),
-    ("tanh", {"tau": 7.0}), *[("power", {"alpha": a}) for a in ALPHAS],
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("vanilla", {}),
+        ("clip", {}),
+        ("clip", {"clip_low": -0.5, "clip_high": 2.0}),
+        ("tanh", {"tau": 0.3}),
+        ("tanh", {"tau": 7.0}),
+        *[("power", {"alpha": a}) for a in ALPHAS],
+    ],
+)
 def test_sign_consistency(name, params):
     """P2: r > 0 iff pi_T > pi_theta, r < 0 iff pi_T < pi_theta, r = 0 on equality."""
     lT, lS = logprob_grid()
@@ -59,7 +68,7 @@ def test_sign_consistency(name, params):
     gap = lT - lS
     # Where float32 can still tell the probabilities apart, the sign must agree exactly.
     if name == "power":
-        distinct = (torch.exp(params["alpha"] * lT) != torch.exp(params["alpha"] * lS))
+        distinct = torch.exp(params["alpha"] * lT) != torch.exp(params["alpha"] * lS)
     else:
         distinct = gap != 0
     assert torch.equal(torch.sign(r[distinct]), torch.sign(gap[distinct]))
@@ -143,15 +152,18 @@ def test_vanilla_never_normalises():
     assert RewardConfig(name="vanilla").normalize == "none"
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"name": "power", "alpha": 0.0}, "reward.alpha must be > 0"),
-    ({"name": "power", "alpha": -1.0}, "reward.alpha must be > 0"),
-    ({"name": "clip", "clip_low": 1.0, "clip_high": 1.0}, "clip_low"),
-    ({"name": "clip", "clip_low": 2.0, "clip_high": -1.0}, "clip_low"),
-    ({"name": "tanh", "tau": 0.0}, "reward.tau must be > 0"),
-    ({"name": "powr"}, "choose one of: vanilla, clip, tanh, zscore, power, full_vocab"),
-    ({"name": "zscore", "normalize": "none"}, "reward.normalize=zscore"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"name": "power", "alpha": 0.0}, "reward.alpha must be > 0"),
+        ({"name": "power", "alpha": -1.0}, "reward.alpha must be > 0"),
+        ({"name": "clip", "clip_low": 1.0, "clip_high": 1.0}, "clip_low"),
+        ({"name": "clip", "clip_low": 2.0, "clip_high": -1.0}, "clip_low"),
+        ({"name": "tanh", "tau": 0.0}, "reward.tau must be > 0"),
+        ({"name": "powr"}, "choose one of: vanilla, clip, tanh, zscore, power, full_vocab"),
+        ({"name": "zscore", "normalize": "none"}, "reward.normalize=zscore"),
+    ],
+)
 def test_bad_reward_settings_fail_with_one_line(kw, match):
     with pytest.raises(ConfigError, match=match) as info:
         RewardConfig(**kw)

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import MICRO_PAIR, make_config
+
 from poweropd.config import ConfigError
 from poweropd.models import StudentScorer, check_pair, load_pair, teacher_score
 from poweropd.rollout import SamplingParams, chat_prompts, completion_masks, generate, generation_config, left_pad
@@ -29,8 +29,15 @@ def local_pair(micro_pair, tmp_path):
 
 
 def hf_config(teacher, student, *extra):
-    return make_config(["model_pair=custom", f"model_pair.teacher={teacher}", f"model_pair.student={student}",
-                        "model_pair.stop_tokens=['<|im_end|>']", *extra])
+    return make_config(
+        [
+            "model_pair=custom",
+            f"model_pair.teacher={teacher}",
+            f"model_pair.student={student}",
+            "model_pair.stop_tokens=['<|im_end|>']",
+            *extra,
+        ]
+    )
 
 
 def test_local_folders_load_like_hub_ids_and_sample_without_hidden_processors(local_pair):
@@ -42,8 +49,12 @@ def test_local_folders_load_like_hub_ids_and_sample_without_hidden_processors(lo
     pair = load_pair(hf_config(teacher, student).model_pair, torch.device("cpu"))
     ids, mask = left_pad(chat_prompts(pair.tokenizer, PROBLEMS), pair.pad_id)
     out = pair.student.generate(
-        input_ids=ids, attention_mask=mask, generation_config=generation_config(SamplingParams(8), pair.stop_ids, pair.pad_id),
-        return_dict_in_generate=True, output_scores=True, output_logits=True,
+        input_ids=ids,
+        attention_mask=mask,
+        generation_config=generation_config(SamplingParams(8), pair.stop_ids, pair.pad_id),
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
     )
     for scores, logits in zip(out.scores, out.logits):  # processed == raw: no processor ran
         torch.testing.assert_close(scores, logits)
@@ -56,11 +67,13 @@ def test_scoring_agrees_with_generation(micro_pair):
     torch.manual_seed(0)
     ids, mask = left_pad(chat_prompts(pair.tokenizer, PROBLEMS), pair.pad_id)
     out = pair.student.generate(
-        input_ids=ids, attention_mask=mask,
+        input_ids=ids,
+        attention_mask=mask,
         generation_config=generation_config(SamplingParams(16), pair.stop_ids, pair.pad_id),
-        return_dict_in_generate=True, output_logits=True,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
-    comp = out.sequences[:, ids.shape[1]:]
+    comp = out.sequences[:, ids.shape[1] :]
     valid, _ = completion_masks(comp, pair.stop_ids)
     comp = comp.masked_fill(~valid, pair.pad_id)
     full_ids, full_mask = torch.cat([ids, comp], 1), torch.cat([mask, valid.long()], 1)
@@ -78,8 +91,9 @@ def test_generate_masks_everything_after_the_first_stop(micro_pair):
     _, pair = micro_pair
     torch.manual_seed(1)
     prompts = chat_prompts(pair.tokenizer, PROBLEMS * 4)
-    rollouts = generate(pair.student, prompts, SamplingParams(12, temperature=1.5), pair.stop_ids, pair.pad_id,
-                        batch_size=5)
+    rollouts = generate(
+        pair.student, prompts, SamplingParams(12, temperature=1.5), pair.stop_ids, pair.pad_id, batch_size=5
+    )
     comp, valid = rollouts.completion_ids_BT, rollouts.completion_BT
     P = rollouts.prompt_len
     assert rollouts.input_ids_BS.shape == (16, P + comp.shape[1])
@@ -137,7 +151,8 @@ def test_toy_pair_is_a_qwen3_pair(micro_pair):
     assert pair.student.config.model_type == pair.teacher.config.model_type == "qwen3"
     assert pair.student.config.tie_word_embeddings
     assert pair.tokenizer.chat_template and pair.stop_ids == [pair.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    text = pair.tokenizer.apply_chat_template([{"role": "user", "content": "Q?"}], add_generation_prompt=True,
-                                              tokenize=False)
+    text = pair.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q?"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
     assert all(o.startswith("model_pair.toy") for o in MICRO_PAIR) and cfg.model_pair.kind == "toy"

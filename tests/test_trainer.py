@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import MICRO_PAIR, MICRO_TRAINING, make_config
+
 from poweropd.rewards import get_reward, masked_moments, zscore
 from poweropd.rollout import Rollouts, chat_prompts, completion_masks, left_pad
 from poweropd.train import opd_update, setup_run
@@ -34,8 +34,9 @@ class GradRecorder:
 
 
 def make_run(tmp_path, toy_cache, *overrides):
-    cfg = make_config(MICRO_PAIR + MICRO_TRAINING + [f"model_pair.cache_dir={toy_cache}",
-                                                      "training.max_grad_norm=1e9", *overrides])
+    cfg = make_config(
+        MICRO_PAIR + MICRO_TRAINING + [f"model_pair.cache_dir={toy_cache}", "training.max_grad_norm=1e9", *overrides]
+    )
     run = setup_run(cfg, tmp_path)
     run.optimizer = GradRecorder(run.scorer.parameters())
     return run
@@ -60,8 +61,9 @@ def make_rollouts(run, completions, extra_pad=0, after_stop=None, seed=0):
         if stop not in c or after_stop == "random":
             comp_BT[i, len(c) :] = torch.randint(5, len(tok), (width - len(c),), generator=gen)
     valid, stopped = completion_masks(comp_BT, [stop])
-    return Rollouts(torch.cat([ids_BP, comp_BT], 1), torch.cat([mask_BP, valid.long()], 1), ids_BP.shape[1],
-                    valid, stopped)
+    return Rollouts(
+        torch.cat([ids_BP, comp_BT], 1), torch.cat([mask_BP, valid.long()], 1), ids_BP.shape[1], valid, stopped
+    )
 
 
 def sample_completions(run, lengths, stop_at_end):
@@ -117,19 +119,22 @@ def assert_grads_close(got, expected):
         torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["reward=vanilla"],
-    ["reward=power", "reward.alpha=2.0"],
-    ["reward=clip"],
-    ["reward=tanh", "reward.tau=0.5"],
-    ["reward=zscore"],
-    ["reward=zscore", "training.micro_batch_size=2"],   # moments from the no-grad pre-pass
-    ["reward=power", "training.micro_batch_size=1"],    # gradient accumulated over micro-batches
-    ["reward=vanilla", "reward.stop_token=raw"],
-    ["reward=vanilla", "reward.loss_agg=seq_mean"],
-    ["reward=full_vocab"],
-    ["reward=full_vocab", "training.micro_batch_size=2", "training.logprob_chunk_size=3"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["reward=vanilla"],
+        ["reward=power", "reward.alpha=2.0"],
+        ["reward=clip"],
+        ["reward=tanh", "reward.tau=0.5"],
+        ["reward=zscore"],
+        ["reward=zscore", "training.micro_batch_size=2"],  # moments from the no-grad pre-pass
+        ["reward=power", "training.micro_batch_size=1"],  # gradient accumulated over micro-batches
+        ["reward=vanilla", "reward.stop_token=raw"],
+        ["reward=vanilla", "reward.loss_agg=seq_mean"],
+        ["reward=full_vocab"],
+        ["reward=full_vocab", "training.micro_batch_size=2", "training.logprob_chunk_size=3"],
+    ],
+)
 def test_update_gradient_equals_brute_force(tmp_path, toy_cache, overrides):
     run = make_run(tmp_path, toy_cache, *overrides)
     completions = sample_completions(run, [5, 1, 10, 4, 0], [True, True, False, True, True])

@@ -137,7 +137,13 @@ def load_pair(cfg: ModelPairConfig, device: torch.device) -> ModelPair:
 
 
 def _disable_dropout(model: nn.Module) -> None:
+    """REFERENCE: dropout off (the student trains in train mode for gradient checkpointing)."""
+    for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if getattr(model.config, attr, None):
+            setattr(model.config, attr, 0.0)
     for module in model.modules():
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
         if isinstance(module, nn.Dropout):
             module.p = 0.0
 

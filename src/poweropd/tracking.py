@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def _start_wandb(run_dir: Path, cfg, config_dict: dict):
         if mode == "offline":
             log.info("wandb: no API key configured, logging offline (sync later with `wandb sync %s/wandb`)", run_dir)
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
         project=cfg.project,

@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import shutil
 import statistics
 import time
@@ -44,6 +43,7 @@ from poweropd.grading import extract_boxed
 from poweropd.models import ModelPair, StudentScorer, load_pair, teacher_score
 from poweropd.rewards import get_reward, masked_moments, zscore
 from poweropd.rollout import Rollouts, SamplingParams, chat_prompts, generate
+from poweropd.stats import StepClock, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
     FINAL_MODEL,
     METRICS,
@@ -87,18 +87,18 @@ class Run:
 def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
     """One on-policy update on this process's share `rows` of the prompt batch.
     Returns (step metrics, per-token tensors for position statistics)."""
-    clock = _Clock(run.accelerator.device)
+    clock = StepClock(run.accelerator.device)
     # 1. Sample rollouts from the current student.
     rollouts = sample_rollouts(run, rows, training_sampling(run.cfg.training))
     clock.lap("generate")
     return opd_update(run, rollouts, clock)
 
 
-def opd_update(run: Run, rollouts: Rollouts, clock: _Clock | None = None) -> tuple[dict, dict]:
+def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> tuple[dict, dict]:
     """Steps 2-5 of the update on rollouts the student just sampled."""
     cfg, acc = run.cfg, run.accelerator
     tc, rc = cfg.training, cfg.reward
-    clock = clock or _Clock(acc.device)
+    clock = clock or StepClock(acc.device)
     mask_BT = rollouts.loss_mask_BT(rc.stop_token)
     n_global = int(acc.reduce(mask_BT.sum(), "sum").item())
     if n_global == 0:  # e.g. every rollout is a bare stop token: nothing to learn from
@@ -343,89 +343,6 @@ def reward_dump(run: Run) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# Statistics
-
-
-def gather_tokens(acc: Accelerator, x_N: torch.Tensor) -> torch.Tensor:
-    """Concatenate a variable-length 1-D tensor over all processes."""
-    if acc.num_processes == 1:
-        return x_N
-    x = x_N.float()
-    padded = acc.pad_across_processes(x, dim=0, pad_index=float("nan"))
-    out = acc.gather(padded)
-    return out[~torch.isnan(out)]
-
-
-def summarize(prefix: str, x_N: torch.Tensor) -> dict:
-    """mean, population std, min, max, 5th and 95th percentile of a token vector."""
-    if x_N.numel() == 0:
-        return {}
-    x = x_N.detach().double()
-    q = torch.quantile(x, torch.tensor([0.05, 0.95], dtype=x.dtype, device=x.device))
-    return {
-        f"{prefix}/mean": x.mean().item(),
-        f"{prefix}/std": x.std(unbiased=False).item(),
-        f"{prefix}/min": x.min().item(),
-        f"{prefix}/max": x.max().item(),
-        f"{prefix}/p5": q[0].item(),
-        f"{prefix}/p95": q[1].item(),
-    }
-
-
-def position_stats(tokens: dict) -> dict:
-    """Mean / min / max of the reward (and raw log-ratio) at each rollout position."""
-    pos = tokens["pos"].long()
-    size = int(pos.max().item()) + 1
-    count = torch.bincount(pos, minlength=size).double()
-    record = {"position": list(range(size)), "count": count.long().tolist()}
-    for name in ("reward", "log_ratio", "kl"):
-        if name not in tokens:
-            continue
-        v = tokens[name].double()
-        total = torch.zeros(size, dtype=v.dtype, device=v.device).index_add_(0, pos, v)
-        lo = torch.full((size,), math.inf, dtype=v.dtype, device=v.device).scatter_reduce(0, pos, v, "amin")
-        hi = torch.full((size,), -math.inf, dtype=v.dtype, device=v.device).scatter_reduce(0, pos, v, "amax")
-        empty = count == 0
-        record[f"{name}_mean"] = (total / count.clamp(min=1)).masked_fill(empty, math.nan).tolist()
-        record[f"{name}_min"] = lo.masked_fill(empty, math.nan).tolist()
-        record[f"{name}_max"] = hi.masked_fill(empty, math.nan).tolist()
-    return record
-
-
-class _Clock:
-    """Wall-clock laps (synchronising CUDA first) and peak memory of one step."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        self.start = self.last = self._now()
-        self.laps: dict[str, float] = {}
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = self._now()
-        self.laps[name] = now - self.last
-        self.last = now
-
-    def metrics(self) -> dict:
-        out = {"step_time": self.last - self.start, **{f"time/{k}": v for k, v in self.laps.items()}}
-        out["mem/peak_gb"] = peak_memory_gb(self.cuda)
-        return out
-
-
-def peak_memory_gb(cuda: bool) -> float:
-    """CUDA: peak allocated during this step. CPU: the process's peak RSS so far."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 @contextlib.contextmanager
 def _private_rng(acc: Accelerator, seed: int):
     devices = [acc.device] if acc.device.type == "cuda" else []
@@ -462,6 +379,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     if (run_dir / SUMMARY).exists():
         log.info("%s already holds a finished run (summary.json); nothing to do", run_dir)
         return json.loads((run_dir / SUMMARY).read_text())
+    if latest_checkpoint(run_dir) is not None:  # before any model is loaded
+        check_resume_config(cfg, run_dir, acc.is_main_process)
     run = setup_run(cfg, run_dir, acc)
     try:
         return _loop(run, wall_start)
@@ -506,7 +425,9 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
 
     rows = train_rows(tc.train_data, tc.data_dir, seed=0)
     val = val_rows(tc.val_data, tc.val_size, seed=0)
-    pair = load_pair(cfg.model_pair, acc.device)
+    with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
+        pair = load_pair(cfg.model_pair, acc.device)
+    pair.student.train()  # from_pretrained returns eval mode; train mode turns on checkpointing (dropout is 0)
     if tc.gradient_checkpointing:
         pair.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     scorer = StudentScorer(pair.student, tc.logprob_chunk_size)
@@ -524,7 +445,6 @@ def _loop(run: Run, wall_start: float) -> dict:
     start_step, resumed_from = 0, None
     checkpoint = latest_checkpoint(run.run_dir)
     if checkpoint is not None:
-        check_resume_config(run)
         state = load_checkpoint(checkpoint, acc)
         start_step = resumed_from = int(state["step"])
         run.sampler.load_state_dict(state["sampler"])
@@ -606,24 +526,25 @@ def record_run_config(run: Run) -> None:
             shutil.copy2(path, first / path.name)
 
 
-def check_resume_config(run: Run) -> None:
+def check_resume_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
     """Refuse to resume a run directory with a different experiment config."""
-    path = run.run_dir / RUN_CONFIG
+    path = run_dir / RUN_CONFIG
     if not path.exists():
         return
-    before, now = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(asdict(run.cfg))))
-    changed = [k for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    before, now = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(asdict(cfg))))
+    changed = [
+        k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
     if not changed:
         return
-    first = run.run_dir / ".hydra" / "first_launch"
-    if run.accelerator.is_main_process and first.is_dir():  # undo Hydra's rewrite of .hydra/
+    first = run_dir / ".hydra" / "first_launch"
+    if is_main and first.is_dir():  # undo Hydra's rewrite of .hydra/
         for saved in first.glob("*.yaml"):
-            shutil.copy2(saved, run.run_dir / ".hydra" / saved.name)
+            shutil.copy2(saved, run_dir / ".hydra" / saved.name)
     diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
     more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
     raise ConfigError(
-        f"{run.run_dir} holds a run with a different config ({diffs}{more}); resume it with its original "
+        f"{run_dir} holds a run with a different config ({diffs}{more}); resume it with its original "
         "overrides, or choose a new hydra.run.dir"
     )
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
-from poweropd.toy.task import make_problems
+from poweropd.toy.task import TASK_VERSION, make_problems
 from poweropd.toy.tokenizer import build_toy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ BUILD_VERSION = 1  # bump when the recipe changes in a way the spec does not cap
 
 
 def cache_key(spec: ToyPairSpec) -> str:
-    blob = json.dumps({"version": BUILD_VERSION, **asdict(spec)}, sort_keys=True)
+    blob = json.dumps({"version": BUILD_VERSION, "task": TASK_VERSION, **asdict(spec)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

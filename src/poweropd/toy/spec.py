@@ -10,12 +10,12 @@ class ToyModelSpec:
     """One toy model: Qwen3 architecture sizes plus its SFT budget."""
 
     layers: int = 2
-    hidden: int = 128
+    hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
-    intermediate: int = 384
-    sft_steps: int = 300
-    lr: float = 1e-3
+    intermediate: int = 192
+    sft_steps: int = 1250
+    lr: float = 2e-3
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ToyPairSpec:
     warmup_steps: int = 50
     eval_problems: int = 256  # held-out val problems for the greedy accuracy check
     teacher: ToyModelSpec = field(
-        default_factory=lambda: ToyModelSpec(layers=4, hidden=128, intermediate=384, sft_steps=1500)
+        default_factory=lambda: ToyModelSpec(layers=4, hidden=128, intermediate=384, sft_steps=1500, lr=2e-3)
     )
     student: ToyModelSpec = field(default_factory=ToyModelSpec)
+    # These defaults mirror conf/model_pair/toy.yaml, which is what runs use.
