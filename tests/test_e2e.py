@@ -240,3 +240,16 @@ def test_data_parallel_with_two_processes(tmp_path, toy_cache):
         assert row["kl/min"] >= -1e-6 and row["n_tokens"] > 0
         # statistics are gathered over both processes' tokens
         assert row["n_generated"] >= row["n_tokens"]
+
+
+def test_same_numbers_whether_or_not_the_pair_was_cached(tmp_path):
+    """The first run builds the pair (drawing random numbers of its own); the second finds
+    it cached. Same seed, same metrics."""
+    cache = tmp_path / "fresh_cache"
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_py(first, cache, "training.steps=2", "training.save_every=0")
+    run_py(second, cache, "training.steps=2", "training.save_every=0")
+    for a, b in zip(metrics_of(first), metrics_of(second)):
+        for key in ("loss", "grad_norm", "val/accuracy", "dump/log_ratio/mean"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-6), key

@@ -57,10 +57,14 @@ def train_rows(source: str, data_dir: str | None, seed: int) -> list[dict]:
         from datasets import load_dataset
 
         name, split = DEEPSCALER_HUB
-        return [
-            {"id": f"deepscaler-{i}", "problem": r["problem"], "answer": r["answer"]}
-            for i, r in enumerate(load_dataset(name, split=split))
-        ]
+        try:
+            rows = load_dataset(name, split=split)
+        except Exception as exc:  # offline node, missing credentials, hub outage: one line
+            raise ConfigError(
+                f"could not load {name} from the hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+                "set training.data_dir (or POWEROPD_DATA) to a folder holding deepscaler_train.jsonl"
+            ) from None
+        return [{"id": f"deepscaler-{i}", "problem": r["problem"], "answer": r["answer"]} for i, r in enumerate(rows)]
     raise ConfigError(f"unknown training.train_data {source!r}")
 
 

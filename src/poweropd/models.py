@@ -58,7 +58,7 @@ def check_pair(teacher_path: str, student_path: str, cfg: ModelPairConfig):
         tok_t = AutoTokenizer.from_pretrained(teacher_path, **kwargs)
         conf_s = AutoConfig.from_pretrained(student_path, **kwargs)
         conf_t = AutoConfig.from_pretrained(teacher_path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(
             f"could not load the model pair ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
             "check model_pair.teacher / model_pair.student, network access or HF_HOME"

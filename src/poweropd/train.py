@@ -421,7 +421,6 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     tc = cfg.training
     acc = acc or make_accelerator(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed + acc.process_index)
 
     rows = train_rows(tc.train_data, tc.data_dir, seed=0)
     val = val_rows(tc.val_data, tc.val_size, seed=0)
@@ -435,6 +434,9 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
         scorer.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
     )
     scorer, optimizer = acc.prepare(scorer, optimizer)
+    # Seed last: building the toy pair (first use only) draws random numbers of its own,
+    # and a run must not depend on whether the pair was already cached.
+    set_seed(cfg.seed + acc.process_index)
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
     return Run(cfg, run_dir, acc, pair, scorer, optimizer, PromptSampler(rows, cfg.seed), val, tracker)
 
