@@ -307,10 +307,13 @@ def reward_dump(run: Run) -> dict:
     with _private_rng(acc, run.cfg.seed * 104729 + 1):
         rollouts = sample_rollouts(run, rows, training_sampling(tc), repeats=1)
     mask_BT = rollouts.loss_mask_BT(rc.stop_token)
-    inputs = (rollouts.input_ids_BS, rollouts.attention_mask_BS, rollouts.prompt_len, mask_BT)
-    lT_N, _ = teacher_score(run.pair.teacher, *inputs, tc.logprob_chunk_size)
-    with acc.autocast():
-        lS_N = acc.unwrap_model(run.scorer)(*inputs).float()
+    scorer, lT, lS = acc.unwrap_model(run.scorer), [], []
+    for rows_ in micro_batches(len(rows), tc.micro_batch_size):  # as many rows per pass as training uses
+        inputs = _model_inputs(rollouts, mask_BT, rows_)
+        lT.append(teacher_score(run.pair.teacher, *inputs, tc.logprob_chunk_size)[0])
+        with acc.autocast():
+            lS.append(scorer(*inputs).float())
+    lT_N, lS_N = torch.cat(lT), torch.cat(lS)
     where = torch.nonzero(mask_BT)
     arrays = {
         "rollout": where[:, 0],
