@@ -253,3 +253,53 @@ def test_same_numbers_whether_or_not_the_pair_was_cached(tmp_path):
         for key in ("loss", "grad_norm", "val/accuracy", "dump/log_ratio/mean"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_paper_preset_trains_on_deepscaler_and_validates_on_math500(tmp_path, micro_pair):
+    """training=paper on a local hf pair: DeepScaleR-format prompts for training, a seeded
+    subset of MATH-500 (through the benchmark registry) for validation and the reward dump."""
+    import shutil
+
+    from poweropd.toy.task import make_problems
+
+    _, pair = micro_pair
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(pair.teacher_path, teacher)
+    shutil.copytree(pair.student_path, student)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, n, split in (("deepscaler_train", 40, "train"), ("math500", 500, "test")):
+        with (data / f"{name}.jsonl").open("w") as handle:
+            for i, row in enumerate(make_problems(split, n)):
+                handle.write(json.dumps({**row, "id": f"{name}-{i}"}) + "\n")
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "run.py",
+        "model_pair=custom",
+        f"model_pair.teacher={teacher}",
+        f"model_pair.student={student}",
+        "training=paper",
+        f"training.data_dir={data}",
+        "training.steps=2",
+        "training.batch_size=4",
+        "training.micro_batch_size=2",
+        "training.gen_batch_size=4",
+        "training.max_new_tokens=8",
+        "training.val_every=1",
+        "training.val_size=5",
+        "training.val_max_new_tokens=8",
+        "training.reward_dump_prompts=3",
+        "training.save_every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = metrics_of(run_dir)
+    assert [m["step"] for m in lines] == [0, 1, 2] and all("val/accuracy" in m for m in lines)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    val_ids = {s["id"] for s in samples}
+    assert val_ids and all(i.startswith("math500-") for i in val_ids)
+    assert val_ids != {f"math500-{i}" for i in range(len(val_ids))}  # a random subset, not the first rows
+    dumped = [json.loads(line)["id"] for line in (run_dir / "reward_dump_rollouts.jsonl").read_text().splitlines()]
+    assert len(dumped) == 3 and all(i.startswith("math500-") for i in dumped)

@@ -30,7 +30,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 TRAIN_DATA = ("toy", "deepscaler")
-VAL_DATA = ("toy", "none")
+# In-training validation sources: the toy val split or one of the math benchmarks (registry names).
+VAL_DATA = ("toy", "none", "math500", "gsm8k", "amc23", "aime24", "aime25", "minerva", "olympiadbench")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -166,10 +167,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = _help("recompute student activations in backward", False)
     mixed_precision: str = _help("auto (bf16 on GPU, none on CPU) | no | bf16 | fp16", "auto")
     train_data: str = _help("prompt source: toy | deepscaler", "toy")
-    data_dir: str | None = _help("local JSONL directory for deepscaler (env POWEROPD_DATA)", None)
-    val_data: str = _help("in-training validation: toy | none", "toy")
+    data_dir: str | None = _help("local JSONL folder for deepscaler / math benchmarks (env POWEROPD_DATA)", None)
+    val_data: str = _help("in-training validation: toy | none | a math benchmark (math500, ...)", "toy")
     val_every: int = _help("validate every N steps (0 = only before and after training)", 25)
-    val_size: int = _help("validation problems (1 sample each)", 128)
+    val_size: int = _help("validation problems, 1 sample each (a seeded random subset of a benchmark)", 128)
     val_max_new_tokens: int = _help("validation generation limit", 64)
     val_temperature: float = _help("validation temperature (0 = greedy)", 0.6)
     val_top_p: float = _help("validation top_p", 0.95)
@@ -241,6 +242,56 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+EVAL_BACKENDS = ("hf", "lm_eval")
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (REFERENCE.md section 4): n samples per problem, graded by
+    poweropd.grading; Avg@n, Pass@n, pass@k, length. Defaults are the paper's."""
+
+    suite: str = _help("auto (toy for the toy pair, math7 otherwise) | math7 | toy | one benchmark name", "auto")
+    benchmarks: list[str] = _help("evaluate only these benchmarks (overrides suite)", factory=list)
+    n: int = _help("samples per problem (Avg@n, Pass@n)", 8)
+    temperature: float = _help("sampling temperature (0 = greedy)", 0.6)
+    top_p: float = _help("nucleus sampling", 0.95)
+    top_k: int = _help("top-k (0 = off)", 20)
+    max_new_tokens: int = _help("response limit; also capped by the model's context window", 4096)
+    batch_size: int = _help("sequences per generate call", 64)
+    backend: str = _help("hf (transformers generate) | lm_eval (lm-evaluation-harness, same data and grader)", "hf")
+    limit: int | None = _help("first N problems of each benchmark (smoke runs only; null = all)", None)
+    data_dir: str | None = _help("folder of <benchmark>.jsonl files (env POWEROPD_DATA); unset = hub", None)
+    dtype: str = _help("model dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "auto")
+    grade_timeout_s: float = _help("time bound per graded answer; a timeout counts as incorrect", 5.0)
+    overwrite: bool = _help("redo benchmarks already evaluated with other settings", False)
+
+    def __post_init__(self) -> None:
+        for key in ("n", "max_new_tokens", "batch_size", "grade_timeout_s"):
+            _positive(f"eval.{key}", getattr(self, key))
+        _positive("eval.temperature", self.temperature, strict=False)
+        _positive("eval.top_k", self.top_k, strict=False)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.top_p must be in (0, 1] (got {self.top_p})")
+        if self.limit is not None:
+            _positive("eval.limit", self.limit)
+        _one_of("eval.backend", self.backend, EVAL_BACKENDS)
+        _one_of("eval.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class EvaluateConfig:
+    """What evaluate.py evaluates: a training run's student (`run_dir`), or `model`
+    (student / teacher of `model_pair`, or any Hugging Face id or path)."""
+
+    run_dir: str | None = _help("a training run directory; its saved config supplies the model pair", None)
+    checkpoint: str = _help("with run_dir: final | latest | step_000100 ...", "final")
+    model: str = _help("without run_dir: student | teacher (of model_pair) | a HF hub id or local path", "student")
+    seed: int = _help("sampling seed", 0)
+    output_root: str = _help("results of models outside a run go to <output_root>/evals/<name>/eval/", "outputs")
+    model_pair: ModelPairConfig = field(default_factory=ModelPairConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
 def method_tag(name: str, alpha: float) -> str:
     """Short method name for directory names: `power500`, `vanilla`, ..."""
     return f"power{alpha:g}" if name == "power" else name
@@ -253,16 +304,18 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     if not OmegaConf.has_resolver("method_tag"):
         OmegaConf.register_new_resolver("method_tag", method_tag)
 
 
-def to_config(cfg) -> Config:
+def to_config(cfg, schema: type = None):
     """DictConfig (composed by Hydra) -> validated dataclasses. Raises ConfigError."""
+    schema = schema or Config
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _reject_unknown_keys(cfg, Config, "")  # `+key=...` appends slip past the struct flag
+    _reject_unknown_keys(cfg, schema, "")  # `+key=...` appends slip past the struct flag
     try:
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
@@ -272,7 +325,7 @@ def to_config(cfg) -> Config:
         if cause is not None:
             raise cause from None
         raise ConfigError(_omegaconf_one_line(exc)) from None
-    if not isinstance(obj, Config):  # composed without the schema (should not happen)
+    if not isinstance(obj, schema):  # composed without the schema (should not happen)
         raise ConfigError("config was not composed against the poweropd schema (conf/config.yaml defaults)")
     return obj
 
@@ -303,6 +356,7 @@ def _omegaconf_one_line(exc: Exception) -> str:
 # Command-line pre-check: one clear line for typos, before Hydra prints its own errors.
 
 GROUPS = ("model_pair", "reward", "training", "logger", "experiment")
+EVAL_GROUPS = ("model_pair", "eval")
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
@@ -313,9 +367,9 @@ def _schema_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _resolve_key(key: str):
+def _resolve_key(key: str, root: Any = None):
     """Walk `a.b.c` through the schema; return the Field or raise ConfigError."""
-    node: Any = Config
+    node: Any = root or Config
     parts = key.split(".")
     for depth, part in enumerate(parts):
         fields = _schema_fields(node)
@@ -355,8 +409,9 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
         raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}")
 
 
-def check_overrides(overrides: list[str], conf_dir: Path) -> None:
-    """Check command-line overrides against the schema and conf/ groups. Raises ConfigError."""
+def check_overrides(overrides: list[str], conf_dir: Path, root: Any = None, groups: tuple = GROUPS) -> None:
+    """Check command-line overrides against the schema (`root`, default the training
+    Config) and its conf/ groups. Raises ConfigError."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -369,13 +424,13 @@ def check_overrides(overrides: list[str], conf_dir: Path) -> None:
         if key.startswith("hydra") or override.is_delete():
             continue
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        if key in GROUPS:
+        if key in groups:
             options = group_options(conf_dir, key)
             for value in values:
                 if value is not None and str(value) not in options:
                     raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(options)}")
             continue
-        _, hint = _resolve_key(key)
+        _, hint = _resolve_key(key, root)
         for value in values:
             _check_type(key, value, hint)
 

@@ -1,81 +1,44 @@
 """Prompt sources for training and in-training validation.
 
-Rows look like the benchmark files: {"id", "problem", "answer", ...}. `toy` rows are
-generated (poweropd.toy.task); `deepscaler` rows come from `<data_dir>/deepscaler_train.jsonl`
-when a data directory is given (or POWEROPD_DATA is set), else from the hub dataset
-agentica-org/DeepScaleR-Preview-Dataset through `datasets`.
+Rows come from the benchmark registry (poweropd.benchmarks): the toy splits are
+generated; `deepscaler` and the math benchmarks are read from `<data_dir>/<name>.jsonl`
+when a data directory is given (or POWEROPD_DATA is set), else from their hub datasets.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 
+from poweropd.benchmarks import load_benchmark
 from poweropd.config import ConfigError
 
 TOY_TRAIN_POOL = 20_000  # distinct toy training prompts; the sampler cycles through them
-DEEPSCALER_HUB = ("agentica-org/DeepScaleR-Preview-Dataset", "train")
 
 
-def read_jsonl(path: str | os.PathLike, required=("id", "problem", "answer")) -> list[dict]:
-    """Read a benchmark-style JSON Lines file; any bad line is a one-line error with file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist; set training.data_dir (or POWEROPD_DATA) to its folder")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if not row.get(k) and row.get(k) != 0]
-            if missing:
-                raise ConfigError(f"{path}:{lineno}: missing or empty field(s) {', '.join(missing)}")
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"data file {path} is empty")
-    return rows
-
-
-def train_rows(source: str, data_dir: str | None, seed: int) -> list[dict]:
+def train_rows(source: str, data_dir: str | None) -> list[dict]:
+    """Training prompts: `toy` (generated) or `deepscaler` (local file or hub)."""
     if source == "toy":
-        from poweropd.toy.task import make_problems
-
-        return make_problems("train", TOY_TRAIN_POOL, seed=seed)
+        return load_benchmark("toy_train", toy_size=TOY_TRAIN_POOL)
     if source == "deepscaler":
-        data_dir = data_dir or os.environ.get("POWEROPD_DATA")
-        if data_dir:
-            return read_jsonl(Path(data_dir).expanduser() / "deepscaler_train.jsonl")
-        from datasets import load_dataset
-
-        name, split = DEEPSCALER_HUB
-        try:
-            rows = load_dataset(name, split=split)
-        except Exception as exc:  # offline node, missing credentials, hub outage: one line
-            raise ConfigError(
-                f"could not load {name} from the hub ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
-                "set training.data_dir (or POWEROPD_DATA) to a folder holding deepscaler_train.jsonl"
-            ) from None
-        return [{"id": f"deepscaler-{i}", "problem": r["problem"], "answer": r["answer"]} for i, r in enumerate(rows)]
-    raise ConfigError(f"unknown training.train_data {source!r}")
+        return load_benchmark("deepscaler_train", data_dir)
+    raise ConfigError(f"unknown training.train_data {source!r}; valid: toy, deepscaler")
 
 
-def val_rows(source: str, n: int, seed: int) -> list[dict]:
+def val_rows(source: str, n: int, data_dir: str | None, seed: int = 0) -> list[dict]:
+    """Held-out prompts for in-training validation and the reward dump.
+
+    `toy`: the first n problems of the toy val split. A benchmark name (e.g. `math500`):
+    n problems drawn at random (seeded) from it, the paper's "100 random MATH-500 problems".
+    """
     if source == "none" or n == 0:
         return []
     if source == "toy":
-        from poweropd.toy.task import make_problems
-
-        return make_problems("val", n, seed=seed)
-    raise ConfigError(f"unknown training.val_data {source!r}")
+        return load_benchmark("toy_val", toy_size=n)
+    rows = load_benchmark(source, data_dir)
+    if n >= len(rows):
+        return rows
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
+    return [rows[i] for i in sorted(pick)]
 
 
 class PromptSampler:

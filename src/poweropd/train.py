@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from poweropd.config import Config, ConfigError
 from poweropd.data import PromptSampler, train_rows, val_rows
-from poweropd.grading import extract_boxed
+from poweropd.grading import Grader
 from poweropd.models import ModelPair, StudentScorer, load_pair, teacher_score
 from poweropd.rewards import get_reward, masked_moments, zscore
 from poweropd.rollout import Rollouts, SamplingParams, chat_prompts, generate
@@ -74,6 +74,7 @@ class Run:
     sampler: PromptSampler
     val: list[dict]
     tracker: Tracker
+    grader: Grader  # the evaluation grader (math-verify + normalisation, time-bounded)
 
     @property
     def student(self):
@@ -279,8 +280,8 @@ def validate(run: Run, step: int) -> dict:
     with _private_rng(acc, run.cfg.seed * 7919 + step):
         rollouts = sample_rollouts(run, rows, validation_sampling(run.cfg.training), repeats=1)
     texts = tok.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
-    correct = torch.tensor([float(extract_boxed(t) == r["answer"]) for t, r in zip(texts, rows)], device=acc.device)
-    correct = gather_tokens(acc, correct)
+    grades = run.grader.grade_many([(t, r["answer"], r) for t, r in zip(texts, rows)])
+    correct = gather_tokens(acc, torch.tensor([float(g.correct) for g in grades], device=acc.device))
     out = {
         "val/accuracy": correct.mean().item(),
         **{f"val/{k}": v for k, v in rollout_metrics(acc, rollouts).items() if k != "n_generated"},
@@ -288,8 +289,8 @@ def validate(run: Run, step: int) -> dict:
     run.tracker.log_samples(
         step,
         [
-            {"id": r["id"], "response": t, "answer": r["answer"], "correct": extract_boxed(t) == r["answer"]}
-            for r, t in list(zip(rows, texts))[:4]
+            {"id": r["id"], "response": t, "answer": r["answer"], "extracted": g.extracted, "correct": g.correct}
+            for r, t, g in list(zip(rows, texts, grades))[:4]
         ],
     )
     return out
@@ -302,7 +303,7 @@ def reward_dump(run: Run) -> dict:
     acc, tc, rc = run.accelerator, run.cfg.training, run.cfg.reward
     if not acc.is_main_process:
         return {}
-    rows = val_rows(tc.val_data, tc.reward_dump_prompts, seed=0) if tc.val_data != "none" else []
+    rows = val_rows(tc.val_data, tc.reward_dump_prompts, tc.data_dir)
     rows = rows or run.sampler.rows[: tc.reward_dump_prompts]
     with _private_rng(acc, run.cfg.seed * 104729 + 1):
         rollouts = sample_rollouts(run, rows, training_sampling(tc), repeats=1)
@@ -390,6 +391,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     except BaseException:
         run.tracker.close()
         raise
+    finally:
+        run.grader.close()
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -425,8 +428,8 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     acc = acc or make_accelerator(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    rows = train_rows(tc.train_data, tc.data_dir, seed=0)
-    val = val_rows(tc.val_data, tc.val_size, seed=0)
+    rows = train_rows(tc.train_data, tc.data_dir)
+    val = val_rows(tc.val_data, tc.val_size, tc.data_dir)
     with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
         pair = load_pair(cfg.model_pair, acc.device)
     pair.student.train()  # from_pretrained returns eval mode; train mode turns on checkpointing (dropout is 0)
@@ -441,7 +444,8 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     # and a run must not depend on whether the pair was already cached.
     set_seed(cfg.seed + acc.process_index)
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
-    return Run(cfg, run_dir, acc, pair, scorer, optimizer, PromptSampler(rows, cfg.seed), val, tracker)
+    sampler = PromptSampler(rows, cfg.seed)
+    return Run(cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader())
 
 
 def _loop(run: Run, wall_start: float) -> dict:

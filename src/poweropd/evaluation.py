@@ -1,0 +1,451 @@
+"""Benchmark evaluation: n samples per problem, graded, summarised as the paper's columns.
+
+One code path for every model: a training run's student (read with the run's own saved
+model-pair config, so the tokenizer, chat template and stop tokens are the ones it was
+trained with), the untrained student or the teacher of a pair, or any Hugging Face id or
+local path. For each benchmark of the suite:
+
+    rows --chat template--> prompt ids --backend: n samples each--> responses
+         --grader--> (extracted answer, correct, status) per sample --> metrics
+
+Metrics (REFERENCE.md section 4), c_i = correct samples of problem i out of n:
+    Avg@n  = mean_i c_i / n
+    Pass@n = mean_i [c_i > 0]
+    pass@k = mean_i 1 - C(n - c_i, k) / C(n, k)     (unbiased estimator, k <= n)
+    Len    = mean response length in tokens over all samples (stop token included)
+plus the truncation rate, extraction-failure rate and grading timeouts. "Mean" averages
+each column over the benchmarks of the suite (the paper's Mean over seven).
+
+Outputs, under <out_dir>/eval/:
+    <suite>.json                        every benchmark's metrics + Mean + settings (written last)
+    <suite>/<benchmark>.json            one benchmark's metrics (its presence: that benchmark is done)
+    <suite>/<benchmark>.samples.jsonl   id, sample, response, extracted, correct, status, length
+An interrupted evaluation started again skips the benchmarks that are done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from poweropd.benchmarks import Benchmark, get_benchmark, load_benchmark, suite_benchmarks
+from poweropd.config import ConfigError, EvalConfig, EvaluateConfig, ModelPairConfig
+from poweropd.grading import Grade, Grader
+from poweropd.rollout import SamplingParams, chat_prompts
+from poweropd.toy.spec import ToyPairSpec
+from poweropd.tracking import FINAL_MODEL, RUN_CONFIG, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+
+
+# ----------------------------------------------------------------------------------------
+# What is evaluated
+
+
+@dataclass
+class EvalTarget:
+    name: str  # human-readable identity, recorded in the results
+    model_path: str  # weights (and tokenizer: checkpoints are saved with theirs)
+    pair: ModelPairConfig  # chat-template settings and stop tokens
+    out_dir: Path  # results go to out_dir/eval/
+
+
+def target_pair(cfg: EvaluateConfig) -> ModelPairConfig:
+    """The pair config that fixes tokenizer, chat template and stop tokens (cheap: no weights).
+    For a training run it is the run's own saved one, whatever the command line says."""
+    if not cfg.run_dir:
+        return cfg.model_pair
+    run_dir = Path(cfg.run_dir).expanduser()
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"run_dir={run_dir} holds no {RUN_CONFIG}; point run_dir at a training run directory")
+    return pair_config_from_dict(json.loads((run_dir / RUN_CONFIG).read_text())["model_pair"])
+
+
+def resolve_target(cfg: EvaluateConfig, pair: ModelPairConfig) -> EvalTarget:
+    """Turn evaluate.py's config into (weights, chat settings, output folder). Builds the
+    toy pair on first use."""
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir).expanduser()
+        if cfg.checkpoint == "final":
+            path, out = run_dir / FINAL_MODEL, run_dir
+            if not (path / "config.json").is_file():
+                raise ConfigError(
+                    f"{run_dir} has no final student ({FINAL_MODEL}/): the run has not finished; "
+                    "use checkpoint=latest or checkpoint=step_XXXXXX"
+                )
+        else:
+            from poweropd.checkpoint import latest_checkpoint
+
+            named = run_dir / "checkpoints" / cfg.checkpoint
+            path = latest_checkpoint(run_dir) if cfg.checkpoint == "latest" else named
+            if path is None or not (path / "config.json").is_file():
+                found = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+                raise ConfigError(
+                    f"checkpoint={cfg.checkpoint} not found in {run_dir}/checkpoints; "
+                    f"available: final, latest, {', '.join(found) or '(none)'}"
+                )
+            out = run_dir / EVAL_DIR / path.name  # results of a checkpoint: <run>/eval/step_XXXXXX/eval/
+        return EvalTarget(f"{run_dir.name}@{path.name}", str(path), pair, out)
+
+    from poweropd.models import resolve_paths
+
+    if cfg.model in ("student", "teacher"):
+        teacher, student = resolve_paths(pair)
+        path = student if cfg.model == "student" else teacher
+        name = f"{pair.name}_{cfg.model}"
+    else:
+        path, name = cfg.model, _slug(cfg.model)
+    return EvalTarget(name, path, pair, Path(cfg.output_root) / "evals" / name)
+
+
+def pair_config_from_dict(saved: dict) -> ModelPairConfig:
+    saved = dict(saved)
+    saved["toy"] = ToyPairSpec(**saved.get("toy", {}))
+    return ModelPairConfig(**saved)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:] or "model"
+
+
+# ----------------------------------------------------------------------------------------
+# Generation backends
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int  # response length, stop token included
+    truncated: bool  # hit the length limit without a stop token
+
+
+class GenerationBackend(Protocol):
+    """Samples n completions for each prompt (token ids, chat template already applied).
+
+    Token ids in, text and lengths out: a vLLM backend is a drop-in (LLM.generate with
+    TokensPrompt(prompt_token_ids=...) and SamplingParams(n=..., stop_token_ids=...)).
+    """
+
+    name: str
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, desc: str) -> list[list[Completion]]:
+        """Returns, per prompt, its n completions."""
+        ...
+
+
+class HFBackend:
+    """Batched, KV-cached Hugging Face `generate` (CPU or GPU)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, stop_ids: list[int], pad_id: int, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_ids, self.pad_id, self.batch_size = stop_ids, pad_id, batch_size
+
+    def generate(self, prompts, n, params, desc):
+        from tqdm.auto import tqdm
+
+        from poweropd.rollout import generate
+
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        # Longest prompts first, so each batch pads little (and an OOM shows up at once).
+        jobs.sort(key=lambda ij: -len(prompts[ij[0]]))
+        out: list[list[Completion | None]] = [[None] * n for _ in prompts]
+        with tqdm(total=len(jobs), desc=desc, unit="seq", leave=False) as bar:
+            for start in range(0, len(jobs), self.batch_size):
+                batch = jobs[start : start + self.batch_size]
+                rollouts = generate(self.model, [prompts[i] for i, _ in batch], params, self.stop_ids, self.pad_id)
+                texts = self.tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
+                lengths, stopped = rollouts.lengths_B.tolist(), rollouts.stopped_B.tolist()
+                for (i, j), text, length, stop in zip(batch, texts, lengths, stopped):
+                    out[i][j] = Completion(text, int(length), not stop)
+                bar.update(len(batch))
+        return out
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) for one problem (Chen et al., 2021),
+    as a running product so large n never overflows."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n (got k={k}, n={n})")
+    if n - c < k:
+        return 1.0
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+def benchmark_metrics(samples: list[dict], n: int) -> dict:
+    """Columns of one benchmark from its per-sample records (see the module docstring)."""
+    by_problem: dict[str, list[dict]] = {}
+    for s in samples:
+        by_problem.setdefault(s["id"], []).append(s)
+    bad = {pid: len(v) for pid, v in by_problem.items() if len(v) != n}
+    if bad:
+        raise ValueError(f"expected {n} samples per problem; got {bad}")
+    correct = [sum(bool(s["correct"]) for s in v) for v in by_problem.values()]
+    problems = len(correct)
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, n) if k <= n})
+    total = len(samples)
+    return {
+        "problems": problems,
+        "n": n,
+        "avg_at_n": sum(c / n for c in correct) / problems,
+        "pass_at_n": sum(c > 0 for c in correct) / problems,
+        **{f"pass_at_{k}": sum(pass_at_k(n, c, k) for c in correct) / problems for k in ks},
+        "length": sum(s["length"] for s in samples) / total,
+        "truncation_rate": sum(bool(s["truncated"]) for s in samples) / total,
+        "no_answer_rate": sum(s["status"] == "no_answer" for s in samples) / total,
+        "timeouts": sum(s["status"] == "timeout" for s in samples),
+    }
+
+
+MEAN_COLUMNS = ("avg_at_n", "pass_at_n", "length", "truncation_rate", "no_answer_rate")
+
+
+def suite_mean(results: dict[str, dict]) -> dict:
+    """Unweighted mean of each column over benchmarks (the paper's Mean column)."""
+    return {k: sum(r[k] for r in results.values()) / len(results) for k in MEAN_COLUMNS}
+
+
+def sample_records(rows: list[dict], completions: list[list[Completion]], grades: list[Grade]) -> list[dict]:
+    records, g = [], iter(grades)
+    for row, comps in zip(rows, completions):
+        for j, comp in enumerate(comps):
+            grade = next(g)
+            records.append(
+                {
+                    "id": row["id"],
+                    "sample": j,
+                    "response": comp.text,
+                    "answer": row["answer"],
+                    "extracted": grade.extracted,
+                    "correct": grade.correct,
+                    "status": grade.status,
+                    "length": comp.n_tokens,
+                    "truncated": comp.truncated,
+                }
+            )
+    return records
+
+
+def grade_completions(grader: Grader, rows: list[dict], completions: list[list[Completion]]) -> list[Grade]:
+    items = [(c.text, row["answer"], row) for row, comps in zip(rows, completions) for c in comps]
+    return grader.grade_many(items)
+
+
+# ----------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+def sampling_params(ec: EvalConfig, max_new_tokens: int) -> SamplingParams:
+    greedy = ec.temperature == 0
+    return SamplingParams(max_new_tokens, max(ec.temperature, 1e-6), ec.top_p, ec.top_k, greedy=greedy)
+
+
+def settings_of(ec: EvalConfig, target: EvalTarget, seed: int) -> dict:
+    """What must match for a finished benchmark to be reused by a resumed evaluation."""
+    keep = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "backend", "limit", "dtype")
+    return {"model": target.model_path, "seed": seed, **{k: getattr(ec, k) for k in keep}}
+
+
+def suite_name(ec: EvalConfig, pair: ModelPairConfig) -> str:
+    if ec.benchmarks:
+        return "+".join(ec.benchmarks)
+    if ec.suite == "auto":
+        return "toy" if pair.kind == "toy" else "math7"
+    return ec.suite
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Evaluate the configured model on the configured suite; returns the suite results."""
+    ec = cfg.eval
+    pair = target_pair(cfg)
+    suite = suite_name(ec, pair)
+    benchmarks = suite_benchmarks(suite, list(ec.benchmarks) or None)  # bad names fail before any model work
+    target = resolve_target(cfg, pair)
+    folder = target.out_dir / EVAL_DIR / suite
+    settings = settings_of(ec, target, cfg.seed)
+    todo = [b for b in benchmarks if not _finished(folder, b, settings, ec.overwrite)]
+    data = {b.name: load_benchmark(b.name, ec.data_dir, ec.limit) for b in todo}  # data errors before model load
+
+    results: dict[str, dict] = {b.name: _read_finished(folder, b) for b in benchmarks if b not in todo}
+    if todo:
+        folder.mkdir(parents=True, exist_ok=True)
+        model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype)
+        max_new = _fit_context(model, tokenizer, target.pair, data, ec.max_new_tokens)
+        with Grader(timeout_s=ec.grade_timeout_s) as grader:
+            for bench in todo:
+                rows = data[bench.name]
+                started = time.time()
+                torch.manual_seed(_bench_seed(cfg.seed, bench.name))
+                if ec.backend == "lm_eval":
+                    from poweropd.lm_eval_backend import run_lm_eval
+
+                    completions, extra = run_lm_eval(model, tokenizer, target.pair, bench, rows, ec, max_new, cfg.seed)
+                else:
+                    backend = HFBackend(model, tokenizer, stop_ids, pad_id, ec.batch_size)
+                    prompts = chat_prompts(tokenizer, [r["problem"] for r in rows], target.pair.instruction)
+                    completions, extra = backend.generate(prompts, ec.n, sampling_params(ec, max_new), bench.name), {}
+                records = sample_records(rows, completions, grade_completions(grader, rows, completions))
+                metrics = benchmark_metrics(records, ec.n)
+                metrics.update(extra)
+                metrics.update(
+                    label=bench.label,
+                    seconds=round(time.time() - started, 2),
+                    max_new_tokens_used=max_new,
+                    settings=settings,
+                )
+                _write_jsonl(folder / f"{bench.name}.samples.jsonl", records)
+                write_json_atomic(folder / f"{bench.name}.json", metrics)  # last: marks this benchmark done
+                results[bench.name] = metrics
+                log.info(
+                    "%s %s: Avg@%d %.1f%%  Pass@%d %.1f%%  Len %.1f  (%d problems, %.0f s)",
+                    target.name,
+                    bench.label,
+                    ec.n,
+                    100 * metrics["avg_at_n"],
+                    ec.n,
+                    100 * metrics["pass_at_n"],
+                    metrics["length"],
+                    metrics["problems"],
+                    metrics["seconds"],
+                )
+    ordered = {b.name: results[b.name] for b in benchmarks}
+    summary = {
+        "suite": suite,
+        "model": target.name,
+        "model_path": target.model_path,
+        "settings": settings,
+        "eval_config": asdict(ec),
+        "benchmarks": ordered,
+        "mean": suite_mean(ordered),
+    }
+    write_json_atomic(target.out_dir / EVAL_DIR / f"{suite}.json", summary)
+    return summary
+
+
+def load_model(target: EvalTarget, dtype: str):
+    """The model and its tokenizer through AutoModelForCausalLM / AutoTokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from poweropd.models import DTYPES, stop_token_ids
+    from poweropd.rollout import neutralize_generation_defaults
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kwargs = {"revision": target.pair.revision, "trust_remote_code": target.pair.trust_remote_code}
+    if Path(target.model_path).exists():
+        kwargs.pop("revision")  # a local folder has no hub revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target.model_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            target.model_path, dtype=torch_dtype, attn_implementation=target.pair.attn_implementation, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"could not load {target.model_path} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the path or hub id, network access or HF_HOME"
+        ) from None
+    model.to(device).eval().requires_grad_(False)
+    neutralize_generation_defaults(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer, stop_token_ids(tokenizer, list(target.pair.stop_tokens)), pad_id
+
+
+def _fit_context(model, tokenizer, pair: ModelPairConfig, data: dict[str, list[dict]], wanted: int) -> int:
+    """Never ask for more new tokens than the context window leaves after the longest prompt."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    if not window:
+        return wanted
+    longest = max(
+        len(p)
+        for rows in data.values()
+        for p in chat_prompts(tokenizer, [r["problem"] for r in rows], pair.instruction)
+    )
+    room = window - longest
+    if room <= 0:
+        raise ConfigError(f"the longest prompt ({longest} tokens) fills the model's context window ({window})")
+    if room < wanted:
+        log.warning("max_new_tokens %d capped to %d by the context window (%d tokens)", wanted, room, window)
+    return min(wanted, room)
+
+
+def _bench_seed(seed: int, name: str) -> int:
+    # Each benchmark has its own stream, so a resumed evaluation samples what a full one would.
+    return seed * 1_000_003 + sum(ord(ch) * 31**i for i, ch in enumerate(name)) % 1_000_003
+
+
+def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool) -> bool:
+    path = folder / f"{bench.name}.json"
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text())
+    if done.get("settings") == settings:
+        log.info("%s already evaluated with these settings (%s); skipping", bench.name, path)
+        return True
+    if overwrite:
+        return False
+    changed = sorted(k for k in settings if done.get("settings", {}).get(k) != settings[k])
+    raise ConfigError(
+        f"{path} was evaluated with different settings ({', '.join(changed)}); "
+        "pass eval.overwrite=true to redo it, or evaluate into another output folder"
+    )
+
+
+def _read_finished(folder: Path, bench: Benchmark) -> dict:
+    return json.loads((folder / f"{bench.name}.json").read_text())
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of one suite's results (printed by evaluate.py)."""
+    rows = [("benchmark", "Avg@n", "Pass@n", "Len", "trunc", "no-ans", "timeouts")]
+    for name, m in summary["benchmarks"].items():
+        rows.append(
+            (
+                get_benchmark(name).label,
+                f"{100 * m['avg_at_n']:.1f}",
+                f"{100 * m['pass_at_n']:.1f}",
+                f"{m['length']:.1f}",
+                f"{100 * m['truncation_rate']:.1f}%",
+                f"{100 * m['no_answer_rate']:.1f}%",
+                str(m["timeouts"]),
+            )
+        )
+    mean = summary["mean"]
+    if len(summary["benchmarks"]) > 1:
+        rows.append(
+            (
+                "Mean",
+                f"{100 * mean['avg_at_n']:.1f}",
+                f"{100 * mean['pass_at_n']:.1f}",
+                f"{mean['length']:.1f}",
+                f"{100 * mean['truncation_rate']:.1f}%",
+                f"{100 * mean['no_answer_rate']:.1f}%",
+                "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task definitions of the poweropd benchmarks (YAML + hooks)."""
