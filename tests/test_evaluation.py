@@ -111,6 +111,27 @@ def test_evaluate_a_pair_model_writes_the_contract(tmp_path, toy_cache):
     assert (folder / "toy" / "toy_test.samples.jsonl").stat().st_mtime_ns == before
 
 
+def test_an_interrupted_suite_redoes_only_the_unfinished_benchmarks(tmp_path, toy_cache):
+    common = [*MICRO_PAIR, f"model_pair.cache_dir={toy_cache}", f"output_root={tmp_path}", *MICRO_EVAL]
+    both = "eval.benchmarks=[toy_val,toy_test]"
+    assert evaluate_cli("model=student", both, *common).returncode == 0
+    folder = tmp_path / "evals" / "toy_student" / "eval"
+    first = json.loads((folder / "toy_val+toy_test.json").read_text())
+    # As if killed while the second benchmark ran: its result and the suite file never got written.
+    (folder / "toy_val+toy_test" / "toy_test.json").unlink()
+    (folder / "toy_val+toy_test.json").unlink()
+    kept = (folder / "toy_val+toy_test" / "toy_val.samples.jsonl").stat().st_mtime_ns
+    again = evaluate_cli("model=student", both, *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (folder / "toy_val+toy_test" / "toy_val.samples.jsonl").stat().st_mtime_ns == kept
+    second = json.loads((folder / "toy_val+toy_test.json").read_text())
+    # Each benchmark samples from its own seeded stream: the redone one repeats its numbers.
+    for name in ("toy_val", "toy_test"):
+        for key in ("avg_at_n", "pass_at_n", "length"):
+            assert second["benchmarks"][name][key] == first["benchmarks"][name][key]
+    assert second["mean"] == first["mean"]
+
+
 def test_evaluate_a_training_run_uses_its_saved_pair(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     train = subprocess.run(
