@@ -4,6 +4,7 @@
     python evaluate.py model=student                          # the untrained toy student
     python evaluate.py run_dir=outputs/runs/<run>             # a run's final student (its own pair config)
     python evaluate.py run_dir=outputs/runs/<run> checkpoint=step_000200
+    python evaluate.py sweep_dir=outputs/sweeps/<sweep>         # every finished run of a sweep
     python evaluate.py model_pair=qwen3_4b_0.6b model=teacher eval.data_dir=/data/math   # seven benchmarks
     python evaluate.py model=/path/to/any/hf/model model_pair=custom eval.suite=math500 eval.backend=lm_eval
 
@@ -31,17 +32,19 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(dictcfg) -> float:
-    from poweropd.evaluation import evaluate, format_table  # heavy imports after the config is valid
+def main(dictcfg) -> float | None:
+    from poweropd.evaluation import evaluate, evaluate_sweep, format_table  # heavy imports after validation
 
     try:
-        summary = evaluate(to_config(dictcfg, EvaluateConfig))
+        cfg = to_config(dictcfg, EvaluateConfig)
+        summaries = list(evaluate_sweep(cfg).values()) if cfg.sweep_dir else [evaluate(cfg)]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"\n{summary['model']} on {summary['suite']} (n={summary['settings']['n']}):")
-    print(format_table(summary))
-    return summary["mean"]["avg_at_n"]
+    for summary in summaries:
+        print(f"\n{summary['model']} on {summary['suite']} (n={summary['settings']['n']}):")
+        print(format_table(summary))
+    return summaries[-1]["mean"]["avg_at_n"] if summaries else None
 
 
 if __name__ == "__main__":

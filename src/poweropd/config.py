@@ -178,6 +178,7 @@ class TrainingConfig:
     position_stats_every: int = _help("position-wise reward stats every K steps (0 = off)", 25)
     reward_dump_prompts: int = _help("prompts whose token rewards are dumped before training (0 = off)", 64)
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", 50)
+    cpu_threads: int = _help("torch CPU threads per run (0 = torch's default; 1 for parallel CPU sweeps)", 0)
     keep_checkpoints: int = _help("how many step checkpoints to keep", 1)
 
     def __post_init__(self) -> None:
@@ -193,6 +194,7 @@ class TrainingConfig:
             "position_stats_every",
             "reward_dump_prompts",
             "save_every",
+            "cpu_threads",
             "top_k",
             "val_top_k",
         ):
@@ -284,6 +286,7 @@ class EvaluateConfig:
     (student / teacher of `model_pair`, or any Hugging Face id or path)."""
 
     run_dir: str | None = _help("a training run directory; its saved config supplies the model pair", None)
+    sweep_dir: str | None = _help("evaluate every finished run under this folder (e.g. a multirun sweep)", None)
     checkpoint: str = _help("with run_dir: final | latest | step_000100 ...", "final")
     model: str = _help("without run_dir: student | teacher (of model_pair) | a HF hub id or local path", "student")
     seed: int = _help("sampling seed", 0)

@@ -339,6 +339,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return summary
 
 
+def evaluate_sweep(cfg: EvaluateConfig) -> dict[str, dict]:
+    """Evaluate every finished run under `cfg.sweep_dir` (runs are found by their
+    run_config.json + summary.json); benchmarks already done are skipped, so an interrupted
+    sweep evaluation can simply be started again."""
+    from dataclasses import replace
+
+    root = Path(cfg.sweep_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"sweep_dir={root} does not exist")
+    runs = sorted(p.parent for p in root.rglob(RUN_CONFIG) if "checkpoints" not in p.parts)
+    if not runs:
+        raise ConfigError(f"sweep_dir={root} holds no training runs (no {RUN_CONFIG} below it)")
+    results = {}
+    for run_dir in runs:
+        if not (run_dir / "summary.json").is_file():
+            log.warning("%s has not finished (no summary.json); skipped", run_dir)
+            continue
+        results[str(run_dir)] = evaluate(replace(cfg, sweep_dir=None, run_dir=str(run_dir)))
+    return results
+
+
 def load_model(target: EvalTarget, dtype: str):
     """The model and its tokenizer through AutoModelForCausalLM / AutoTokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -378,6 +378,8 @@ def lr_at(tc, step: int) -> float:
 def train(cfg: Config, run_dir: Path) -> dict:
     """Run (or resume) one OPD training run in `run_dir`; returns the summary."""
     wall_start = time.time()
+    if cfg.training.cpu_threads:
+        torch.set_num_threads(cfg.training.cpu_threads)
     acc = make_accelerator(cfg)
     run_dir = shared_run_dir(acc, run_dir)
     if (run_dir / SUMMARY).exists():

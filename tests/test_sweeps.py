@@ -1,0 +1,140 @@
+"""Experiment presets, sweep files and launchers: everything composes, sweeps only real keys,
+and a micro multirun goes through the basic and the joblib launchers into a report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONF_DIR, MICRO_PAIR, MICRO_TRAINING, ROOT
+
+from poweropd.config import check_overrides
+
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def compose_from(config_dir: Path, name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from poweropd.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+
+
+def test_the_committed_presets_are_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("make_presets", ROOT / "sweeps" / "make_experiment_presets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    expected = module.expected_presets()
+    assert len(expected) == 5 * 13
+    for name, text in expected.items():
+        assert (CONF_DIR / "experiment" / name).read_text() == text, name
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_validates(preset):
+    from conftest import make_config
+
+    run = make_config([f"experiment={preset}"])
+    if preset.startswith("paper_"):
+        tc = run.training
+        assert (tc.steps, tc.batch_size, tc.lr, tc.max_new_tokens) == (1500, 32, 5e-7, 1024)
+        assert run.model_pair.kind == "hf" and run.model_pair.teacher.startswith("Qwen/Qwen3-")
+    if preset.endswith(("_power0.1", "_power500")):
+        assert run.reward.name == "power" and run.reward.alpha == float(preset.rsplit("power", 1)[1])
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_file_composes_and_sweeps_only_real_keys(sweep, monkeypatch):
+    monkeypatch.chdir(ROOT)  # sweep files find conf/ relative to the repo root
+    head = sweep.read_text().splitlines()[0]
+    assert head.startswith("# Question:"), "each sweep file opens with the question it answers"
+    assert "python " in sweep.read_text(), "and gives the exact command"
+    cfg = compose_from(ROOT / "sweeps", sweep.stem, [])
+    params = dict(cfg.hydra.sweeper.params)
+    assert params
+    check_overrides([f"{k}={v}" for k, v in params.items()], CONF_DIR)  # raises on an unknown key or option
+    assert cfg.hydra.mode.name == "MULTIRUN"
+
+
+def micro_sweep(sweep_dir: Path, toy_cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            *MICRO_PAIR,
+            *MICRO_TRAINING,
+            "training.steps=2",
+            f"model_pair.cache_dir={toy_cache}",
+            "reward=vanilla,power",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep_dir}",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("launcher", ["basic", "cpu_parallel"])
+def test_micro_multirun_through_each_launcher_to_a_report(tmp_path, toy_cache, launcher):
+    sweep = tmp_path / "sweep"
+    extra = [] if launcher == "basic" else ["hydra/launcher=cpu_parallel", "training.cpu_threads=1"]
+    done = micro_sweep(sweep, toy_cache, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert names == ["0_toy_vanilla_seed0", "1_toy_vanilla_seed1", "2_toy_power5_seed0", "3_toy_power5_seed1"]
+    assert all((sweep / n / "summary.json").is_file() for n in names)
+
+    # Started again over the same sweep directory: finished runs are left alone.
+    before = {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in names}
+    again = micro_sweep(sweep, toy_cache, *extra)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {n: (sweep / n / "summary.json").stat().st_mtime_ns for n in names} == before
+
+    ev = subprocess.run(
+        [sys.executable, "evaluate.py", f"sweep_dir={sweep}", "eval.n=1", "eval.limit=4", "eval.max_new_tokens=8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert all((sweep / n / "eval" / "toy.json").is_file() for n in names)
+    report = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (sweep / "report" / "report.md").read_text()
+    assert "| Vanilla | 2 |" in text and "| PowerOPD α=5 | 2 |" in text  # two seeds averaged per row
+
+
+def test_a_seed_only_sweep_stays_under_the_output_root(tmp_path):
+    cfg = compose_from(CONF_DIR, "config", [f"output_root={tmp_path}", "seed=3"])
+    from omegaconf import OmegaConf
+
+    sweep_dir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    assert sweep_dir["dir"].startswith("${output_root}/")
+    assert "seed" in sweep_dir["subdir"] and not sweep_dir["subdir"].startswith("/")
+
+
+def test_the_toy_study_covers_every_table_row_with_three_seeds(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = compose_from(ROOT / "sweeps", "toy_study", [])
+    params = dict(cfg.hydra.sweeper.params)
+    rows = params["experiment"].split(",")
+    assert len(rows) == 13 and all(r.startswith("toy_") for r in rows)
+    assert params["seed"] == "0,1,2"
+    assert yaml.safe_load((ROOT / "conf" / "hydra" / "launcher" / "cpu_parallel.yaml").read_text())["n_jobs"] == 2
+    assert json.dumps(dict(cfg.hydra.launcher)).count("Joblib") == 1
