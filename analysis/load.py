@@ -162,7 +162,24 @@ def _command(run_dir: Path, script: str = "run.py") -> str:
         overrides = yaml.safe_load(path.read_text()) or []
     except (OSError, yaml.YAMLError):
         return ""
-    return " ".join(["python", script, *(shlex.quote(str(o)) for o in overrides)])
+    return " ".join(["python", script, *_primary_config_flags(run_dir), *(shlex.quote(str(o)) for o in overrides)])
+
+
+def _primary_config_flags(run_dir: Path) -> list[str]:
+    """`-cd sweeps -cn <file>` when the run came from a sweep file rather than conf/config.yaml,
+    so that the command carries the sweep file's settings too."""
+    try:
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    name = hydra.get("job", {}).get("config_name")
+    if not name or name == "config":
+        return []
+    for source in hydra.get("runtime", {}).get("config_sources", []):
+        folder = Path(str(source.get("path", "")))
+        if source.get("schema") == "file" and (folder / f"{name}.yaml").is_file():
+            return ["-cd", folder.name, "-cn", name]
+    return ["-cn", name]
 
 
 def _load_run(run_dir: Path, root: Path, problems: list[str]) -> tuple[dict, list[tuple]]:
