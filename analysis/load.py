@@ -31,6 +31,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from poweropd.config import method_label
+
 SKIP_DIRS = {".hydra", "checkpoints", "student", "eval", "wandb", "figures", "tables", "__pycache__"}
 # Keys that differ between repeats of one configuration without changing it.
 NOT_CONFIG = ("seed", "output_root", "model_pair.cache_dir", "training.data_dir", "logger.")
@@ -46,19 +48,6 @@ class RunSet:
     @property
     def finished(self) -> pd.DataFrame:
         return self.runs[self.runs["finished"] & (self.runs["kind"] == "run")]
-
-
-def method_label(name: str, alpha: float | None) -> str:
-    """The paper's name for a method (tables and legends)."""
-    if name == "power":
-        return f"PowerOPD α={float(alpha):g}"
-    return {
-        "vanilla": "Vanilla",
-        "clip": "+ Clip",
-        "tanh": "+ Tanh",
-        "zscore": "+ Z-Score",
-        "full_vocab": "Full-vocab",
-    }.get(name, name)
 
 
 def method_sort_key(label: str) -> tuple:

@@ -100,15 +100,20 @@ class RewardConfig:
     @property
     def label(self) -> str:
         """The paper's name for the method (tables and legends)."""
-        if self.name == "power":
-            return f"PowerOPD α={self.alpha:g}"
-        return {
-            "vanilla": "Vanilla",
-            "clip": "+ Clip",
-            "tanh": "+ Tanh",
-            "zscore": "+ Z-Score",
-            "full_vocab": "Full-vocab",
-        }[self.name]
+        return method_label(self.name, self.alpha)
+
+
+def method_label(name: str, alpha: float | None) -> str:
+    """The paper's name for a method: Vanilla, + Clip, + Tanh, + Z-Score, Full-vocab, PowerOPD α=..."""
+    if name == "power":
+        return f"PowerOPD α={float(alpha):g}"
+    return {
+        "vanilla": "Vanilla",
+        "clip": "+ Clip",
+        "tanh": "+ Tanh",
+        "zscore": "+ Z-Score",
+        "full_vocab": "Full-vocab",
+    }.get(name, name)
 
 
 @dataclass

@@ -287,7 +287,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype)
-        max_new = _fit_context(model, tokenizer, target.pair, data, ec.max_new_tokens)
+        # Each benchmark's prompts are tokenised once: for the context check and for generation.
+        prompts_of = {
+            name: chat_prompts(tokenizer, [r["problem"] for r in rows], target.pair.instruction)
+            for name, rows in data.items()
+        }
+        max_new = _fit_context(model, prompts_of, ec.max_new_tokens)
         with Grader(timeout_s=ec.grade_timeout_s) as grader:
             for bench in todo:
                 rows = data[bench.name]
@@ -299,7 +304,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                     completions, extra = run_lm_eval(model, tokenizer, target.pair, bench, rows, ec, max_new, cfg.seed)
                 else:
                     backend = HFBackend(model, tokenizer, stop_ids, pad_id, ec.batch_size)
-                    prompts = chat_prompts(tokenizer, [r["problem"] for r in rows], target.pair.instruction)
+                    prompts = prompts_of[bench.name]
                     completions, extra = backend.generate(prompts, ec.n, sampling_params(ec, max_new), bench.name), {}
                 records = sample_records(rows, completions, grade_completions(grader, rows, completions))
                 metrics = benchmark_metrics(records, ec.n)
@@ -388,16 +393,12 @@ def load_model(target: EvalTarget, dtype: str):
     return model, tokenizer, stop_token_ids(tokenizer, list(target.pair.stop_tokens)), pad_id
 
 
-def _fit_context(model, tokenizer, pair: ModelPairConfig, data: dict[str, list[dict]], wanted: int) -> int:
+def _fit_context(model, prompts_of: dict[str, list[list[int]]], wanted: int) -> int:
     """Never ask for more new tokens than the context window leaves after the longest prompt."""
     window = getattr(model.config, "max_position_embeddings", None)
     if not window:
         return wanted
-    longest = max(
-        len(p)
-        for rows in data.values()
-        for p in chat_prompts(tokenizer, [r["problem"] for r in rows], pair.instruction)
-    )
+    longest = max(len(p) for prompts in prompts_of.values() for p in prompts)
     room = window - longest
     if room <= 0:
         raise ConfigError(f"the longest prompt ({longest} tokens) fills the model's context window ({window})")
