@@ -1,11 +1,13 @@
-"""Chunked lm-head kernels against naive full log-softmax (values and gradients)."""
+"""Chunked lm-head kernels against naive full log-softmax (values and gradients, odd chunk
+sizes, empty batches, low-precision weights that are never copied to fp32 as a whole)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from poweropd.logprobs import full_vocab_kl, sampled_logprobs
+from poweropd.logprobs import full_vocab_kl, sampled_logprobs, sampled_pg_loss
 
 
 def make_inputs(n=29, d=12, v=97, d_t=20, seed=0):
@@ -119,3 +121,139 @@ def test_full_vocab_kl_never_differentiates_the_teacher():
     loss, *_ = full_vocab_kl(h, w, h_t, w_t, targets, torch.ones(h.shape[0]), 8)
     loss.backward()
     assert h_t.grad is None
+
+
+def power_reward(lT_N, alpha=2.0):
+    """A reward that depends on the student's own (detached) log-prob, like PowerOPD's."""
+
+    def reward_fn(lS_C, rows):
+        return torch.exp(alpha * lT_N[rows]) - torch.exp(alpha * lS_C)
+
+    return reward_fn
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 29, 1000])
+def test_fused_pg_loss_matches_naive_autograd(chunk):
+    h, w, h_t, w_t, targets = make_inputs()
+    lT = naive_sampled(h_t, w_t, targets)
+    weights = torch.rand(h.shape[0])
+
+    def naive_loss():
+        lS = naive_sampled(h, w, targets)
+        r = torch.exp(2.0 * lT) - torch.exp(2.0 * lS.detach())
+        return -(weights * r * lS).sum(), lS, r
+
+    loss, lS, r = sampled_pg_loss(h, w, targets, weights, power_reward(lT), chunk)
+    loss_ref, lS_ref, r_ref = naive_loss()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lS, lS_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-5)
+    assert not lS.requires_grad and not r.requires_grad
+    g_ours = grads(lambda: 0.5 * sampled_pg_loss(h, w, targets, weights, power_reward(lT), chunk)[0], h, w)
+    g_ref = grads(lambda: 0.5 * naive_loss()[0], h, w)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pg_loss_sees_each_row_once_in_order():
+    h, w, _, _, targets = make_inputs(n=10)
+    seen = []
+
+    def reward_fn(lS_C, rows):
+        seen.append((rows.start, rows.stop, lS_C.shape[0]))
+        return torch.ones_like(lS_C)
+
+    sampled_pg_loss(h, w, targets, torch.ones(10), reward_fn, chunk=4)
+    assert seen == [(0, 4, 4), (4, 8, 4), (8, 10, 2)]
+
+
+def test_fused_pg_loss_without_weight_grad_and_under_no_grad():
+    h, w, _, _, targets = make_inputs()
+    weights = torch.rand(h.shape[0])
+    const = lambda lS_C, rows: torch.full_like(lS_C, 0.3)  # noqa: E731
+    (gh,) = grads(lambda: sampled_pg_loss(h, w.detach(), targets, weights, const, 5)[0], h)
+    (gh_ref,) = grads(lambda: -(0.3 * weights * naive_sampled(h, w.detach(), targets)).sum(), h)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        loss, lS, _ = sampled_pg_loss(h, w, targets, weights, const, 5)
+    assert not loss.requires_grad
+    torch.testing.assert_close(lS, naive_sampled(h, w, targets).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pg_loss_empty_batch():
+    h, w, _, _, _ = make_inputs()
+    empty = torch.zeros(0, dtype=torch.long)
+    loss, lS, r = sampled_pg_loss(h[:0], w, empty, torch.zeros(0), lambda lS_C, rows: lS_C, 4)
+    assert loss.item() == 0.0 and lS.shape == r.shape == (0,)
+    loss.backward()
+    assert (w.grad == 0).all()
+
+
+class FullCopies(TorchDispatchMode):
+    """Records every fp32 tensor an op produces with the lm-head weight's [V, D] shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.hits = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and t.dtype == torch.float32:
+                self.hits.append(str(func))
+        return out
+
+
+def test_low_precision_weights_are_never_copied_to_fp32():
+    """A bf16 teacher head (and a frozen bf16 student head) multiplies in bf16 chunk by chunk:
+    no fp32 [V, D] copy of the weight is made, yet log-probs stay within bf16 rounding."""
+    h, w, h_t, w_t, targets = make_inputs(v=97, d=12, d_t=20)
+    w16, w_t16 = w.detach().bfloat16(), w_t.bfloat16()
+    with FullCopies(w16.shape) as spy:
+        w16.float()  # what the spy is there to catch
+    assert spy.hits
+    with FullCopies(w16.shape) as spy:
+        lT = sampled_logprobs(h_t.bfloat16(), w_t16, targets, 8)
+        _, kl, _, _ = full_vocab_kl(h.detach().bfloat16(), w16, h_t.bfloat16(), w_t16, targets, torch.ones(29), 8)
+    assert spy.hits == []
+    with FullCopies(w_t16.shape) as spy:
+        sampled_logprobs(h_t.bfloat16(), w_t16, targets, 8)
+    assert spy.hits == []
+    assert lT.dtype == kl.dtype == torch.float32
+    ref_lT = naive_sampled(h_t.bfloat16().float(), w_t16.float(), targets)
+    torch.testing.assert_close(lT, ref_lT, rtol=0, atol=0.1)
+    ref_kl = brute_force_kl(h.detach().bfloat16().float(), w16.float(), h_t.bfloat16().float(), w_t16.float())
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=0, atol=0.1)
+
+
+def test_fp32_kernels_are_exact_at_a_realistic_vocabulary_with_a_ragged_last_chunk():
+    """V = 5003 (more than one exp-sum block would need at 32k, so use a small block) and
+    N = 37 tokens in chunks of 16: values and gradients of all three kernels."""
+    import poweropd.logprobs as lp
+
+    h, w, h_t, w_t, targets = make_inputs(n=37, d=16, v=5003, d_t=8, seed=3)
+    block = lp.VOCAB_BLOCK
+    lp.VOCAB_BLOCK = 1000  # several vocabulary blocks, the last one ragged
+    try:
+        weights = torch.rand(37)
+        loss, kl, lS, lT = full_vocab_kl(h, w, h_t, w_t, targets, weights, 16)
+        torch.testing.assert_close(kl.double(), brute_force_kl(h, w, h_t, w_t).detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lT, naive_sampled(h_t, w_t, targets), rtol=1e-5, atol=1e-5)
+        g_kl = grads(lambda: full_vocab_kl(h, w, h_t, w_t, targets, weights, 16)[0], h, w)
+        g_ref = grads(lambda: (brute_force_kl(h, w, h_t, w_t) * weights.double()).sum(), h, w)
+        for a, b in zip(g_kl, g_ref):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+    finally:
+        lp.VOCAB_BLOCK = block
+    g_pg = grads(lambda: sampled_pg_loss(h, w, targets, weights, power_reward(lT), 16)[0], h, w)
+    g_lp = grads(
+        lambda: (
+            sampled_logprobs(h, w, targets, 16)
+            * weights
+            * -power_reward(lT)(sampled_logprobs(h, w, targets, 16).detach(), slice(None))
+        ).sum(),
+        h,
+        w,
+    )
+    for a, b in zip(g_pg, g_lp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

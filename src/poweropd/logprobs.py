@@ -1,26 +1,43 @@
-"""Chunked lm-head kernels: log-probs of sampled tokens and the exact full-vocab KL,
-without ever holding a (tokens x vocabulary) tensor for the whole batch.
+"""Chunked lm-head kernels: log-probs of sampled tokens, the OPD policy-gradient loss and
+the exact full-vocab KL, without ever holding a (tokens x vocabulary) tensor for the
+whole batch.
 
-Inputs are the final hidden states of the N valid completion positions (hidden_ND) and
-the lm-head weight (weight_VD). Tokens are processed `chunk` at a time; each chunk's
-logits [chunk, V] are computed in fp32, used and dropped. On the Qwen3 vocabulary
-(V = 151,936) one fp32 chunk of 1024 tokens is 0.6 GB, where the naive
-log_softmax(all logits) of a 32 x 1024-token batch would be 20 GB.
+Inputs are the final hidden states of the N valid completion positions (hidden_ND; prompt
+positions never reach the lm-head) and the lm-head weight (weight_VD). Tokens are handled
+`chunk` at a time; each chunk's logits [chunk, V] are formed in fp32, used in place and
+dropped. On the Qwen3 vocabulary (V = 151,936) one fp32 chunk of 1024 tokens is 0.6 GB,
+where the naive log_softmax of a 32 x 1024-token batch would be 20 GB.
 
-Gradients:
-- `sampled_logprobs` stores only its inputs and the per-token log-normaliser (N floats);
-  its backward recomputes each chunk's logits (one extra lm-head matmul) instead of
-  keeping them.
-- `full_vocab_kl` returns a weighted scalar loss, so its gradient is known during the
-  forward pass: it is formed chunk by chunk right there (grad wrt student hidden [N, D]
-  and lm-head weight [V, D]) and the backward only scales it. No recomputation, no
-  stored logits.
-Both agree with naive log_softmax-then-gather to fp32 round-off (tests/test_logprobs.py).
+Three kernels, all exact (tests/test_logprobs.py compares them with naive autograd):
+
+- `sampled_logprobs`: log pi(token) per row, differentiable. Stores only its inputs and
+  the per-token log-normaliser (N floats); the backward recomputes each chunk's logits (one
+  extra lm-head matmul) instead of keeping them. One [chunk, V] buffer at a time.
+  Used for the teacher (no grad), z-scored rewards and anything else that needs log-probs
+  before it knows its loss.
+- `sampled_pg_loss`: the OPD loss -sum_t w_t sg[r_t] log pi(token_t) with rewards
+  r_t = reward_fn(sg[log pi(token_t)]) computed chunk by chunk. The upstream gradient of
+  each log-prob (-w_t r_t) is known as soon as the chunk's log-prob is, so the gradient wrt
+  the hidden states and the lm-head is formed right there from the softmax the forward
+  already holds: no recomputation, one [chunk, V] buffer, one exp pass.
+- `full_vocab_kl`: weighted KL(student || teacher) over the whole vocabulary, its gradient
+  formed in the forward as well. Two [chunk, V] buffers (student and teacher log-probs,
+  reused in place for the softmax and the logit gradient), which is the least the exact
+  KL needs without splitting the vocabulary.
+
+Precision: logits, normalisers and every reduction are fp32. Weights are never copied to
+fp32 as a whole: a bf16 lm-head multiplies in bf16 (fp32 output on CUDA, as Hugging Face's
+own bf16 forward then upcasts on other devices), and under autocast the operands take the
+autocast dtype, exactly as the model's own lm-head would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+VOCAB_BLOCK = 32768  # columns per exp-sum block when a normaliser must not destroy its logits
 
 
 def _chunks(n: int, size: int):
@@ -28,40 +45,128 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the model's own lm-head would multiply in (autocast's, else the weight's)."""
+    device_type = weight.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+_CUDA_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) for bf16/fp16 operands (CUDA only)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result. Operands share a dtype; low-precision ones multiply in it."""
+    global _CUDA_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _CUDA_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _CUDA_OUT_DTYPE = False
+    return (a @ b).float()
+
+
+def _logits(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [C, V] of one chunk (w_VD already in the compute dtype)."""
+    return _mm32(h_CD.to(w_VD.dtype), w_VD.T)
+
+
+def _gather(x_CV: torch.Tensor, t_C: torch.Tensor) -> torch.Tensor:
+    return x_CV.gather(1, t_C[:, None]).squeeze(1)
+
+
+def _lse_keep(x_CV: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary without destroying x and without a second [C, V] buffer."""
+    m_C = x_CV.amax(-1)
+    s_C = torch.zeros_like(m_C)
+    for cols in _chunks(x_CV.shape[1], VOCAB_BLOCK):
+        s_C += (x_CV[:, cols] - m_C[:, None]).exp_().sum(-1)
+    return m_C + s_C.log()
+
+
+def _softmax_inplace(logits_CV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turns logits into softmax probabilities in place; returns (probs_CV, lse_C)."""
+    m_C = logits_CV.amax(-1)
+    probs_CV = logits_CV.sub_(m_C[:, None]).exp_()
+    s_C = probs_CV.sum(-1)
+    probs_CV.div_(s_C[:, None])
+    return probs_CV, m_C + s_C.log()
+
+
+def _accumulate(dlogits_CV, h_CD, w_VD, rows, grad_h, grad_w) -> None:
+    """grad_h[rows] = dlogits @ W and grad_w += dlogits.T @ h (fp32 accumulators)."""
+    if grad_h is not None:
+        grad_h[rows] = _mm32(dlogits_CV.to(w_VD.dtype), w_VD)
+    if grad_w is not None:
+        if w_VD.dtype == torch.float32:
+            grad_w.addmm_(dlogits_CV.T, h_CD.float())
+        else:
+            grad_w += dlogits_CV.T.to(w_VD.dtype) @ h_CD.to(w_VD.dtype)
+
+
+def _grad_buffers(ctx, hidden_ND, weight_VD):
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h = hidden_ND.new_empty(hidden_ND.shape, dtype=torch.float32) if need_h else None
+    grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
+    return grad_h, grad_w
+
+
+def _save_grads(ctx, hidden_ND, weight_VD, grad_h, grad_w) -> None:
+    empty = hidden_ND.new_empty(0)
+    ctx.save_for_backward(empty if grad_h is None else grad_h, empty if grad_w is None else grad_w)
+    ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
+    ctx.has = (grad_h is not None, grad_w is not None)
+
+
+def _scaled_grads(ctx, grad_loss) -> tuple:
+    grad_h, grad_w = ctx.saved_tensors
+    has_h, has_w = ctx.has
+    return (
+        (grad_h * grad_loss).to(ctx.dtypes[0]) if has_h else None,
+        (grad_w * grad_loss).to(ctx.dtypes[1]) if has_w else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# log-probs of the sampled tokens (recompute in backward)
+
+
 class _SampledLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk):
-        w32_VD = weight_VD.float()
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk, compute_dtype):
+        w_VD = weight_VD.to(compute_dtype)
         out_N = hidden_ND.new_empty(hidden_ND.shape[0], dtype=torch.float32)
         lse_N = torch.empty_like(out_N)
         for rows in _chunks(hidden_ND.shape[0], chunk):
-            logits_CV = hidden_ND[rows].float() @ w32_VD.T
-            lse_N[rows] = torch.logsumexp(logits_CV, dim=-1)
-            out_N[rows] = logits_CV.gather(1, targets_N[rows, None]).squeeze(1) - lse_N[rows]
+            logits_CV = _logits(hidden_ND[rows], w_VD)
+            target_C = _gather(logits_CV, targets_N[rows])
+            m_C = logits_CV.amax(-1)
+            lse_N[rows] = m_C + logits_CV.sub_(m_C[:, None]).exp_().sum(-1).log()
+            out_N[rows] = target_C - lse_N[rows]
+            del logits_CV  # before the next chunk's logits exist: one [chunk, V] buffer at a time
         ctx.save_for_backward(hidden_ND, weight_VD, targets_N, lse_N)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
         return out_N
 
     @staticmethod
     def backward(ctx, grad_N):
         hidden_ND, weight_VD, targets_N, lse_N = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w32_VD = weight_VD.float()
-        grad_h = torch.empty(hidden_ND.shape, dtype=torch.float32, device=hidden_ND.device) if need_h else None
-        grad_w = torch.zeros_like(w32_VD) if need_w else None
+        w_VD = weight_VD.to(ctx.compute_dtype)
+        grad_h, grad_w = _grad_buffers(ctx, hidden_ND, weight_VD)
         grad_N = grad_N.float()
         for rows in _chunks(hidden_ND.shape[0], ctx.chunk):
-            h32_CD = hidden_ND[rows].float()
-            # d logp(target) / d logits = onehot(target) - softmax(logits), scaled by grad.
-            dlogits_CV = (h32_CD @ w32_VD.T).sub_(lse_N[rows, None]).exp_().mul_(-grad_N[rows, None])
+            # d logp(target) / d logits = onehot(target) - softmax(logits), times the upstream grad.
+            dlogits_CV = _logits(hidden_ND[rows], w_VD).sub_(lse_N[rows, None]).exp_().mul_(-grad_N[rows, None])
             dlogits_CV.scatter_add_(1, targets_N[rows, None], grad_N[rows, None])
-            if need_h:
-                grad_h[rows] = dlogits_CV @ w32_VD
-            if need_w:
-                grad_w.addmm_(dlogits_CV.T, h32_CD)
+            _accumulate(dlogits_CV, hidden_ND[rows], w_VD, rows, grad_h, grad_w)
+            del dlogits_CV
         return (
-            grad_h.to(hidden_ND.dtype) if need_h else None,
-            grad_w.to(weight_VD.dtype) if need_w else None,
+            grad_h.to(hidden_ND.dtype) if grad_h is not None else None,
+            grad_w.to(weight_VD.dtype) if grad_w is not None else None,
+            None,
             None,
             None,
         )
@@ -69,58 +174,108 @@ class _SampledLogprobs(torch.autograd.Function):
 
 def sampled_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int = 1024):
     """log softmax(hidden @ weight.T)[target] per row, fp32, differentiable in hidden and weight."""
+    dtype = _compute_dtype(weight_VD)
     with torch.autocast(hidden_ND.device.type, enabled=False):
-        return _SampledLogprobs.apply(hidden_ND, weight_VD, targets_N, chunk)
+        return _SampledLogprobs.apply(hidden_ND, weight_VD, targets_N, chunk, dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# the OPD policy-gradient loss, gradient formed in the forward
+
+
+class _SampledPGLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, weights_N, reward_fn, chunk, compute_dtype):
+        w_VD = weight_VD.to(compute_dtype)
+        n = hidden_ND.shape[0]
+        lS_N = hidden_ND.new_empty(n, dtype=torch.float32)
+        r_N = torch.empty_like(lS_N)
+        grad_h, grad_w = _grad_buffers(ctx, hidden_ND, weight_VD)
+        weights_N = weights_N.float()
+        for rows in _chunks(n, chunk):
+            t_C = targets_N[rows]
+            logits_CV = _logits(hidden_ND[rows], w_VD)
+            target_C = _gather(logits_CV, t_C)
+            probs_CV, lse_C = _softmax_inplace(logits_CV)
+            lS_N[rows] = target_C - lse_C
+            r_N[rows] = reward_fn(lS_N[rows], rows)
+            if grad_h is not None or grad_w is not None:
+                # loss = -sum w r lS  ->  d loss / d logits = -w r (onehot - softmax)
+                coef_C = weights_N[rows] * r_N[rows]
+                dlogits_CV = probs_CV.mul_(coef_C[:, None])
+                dlogits_CV.scatter_add_(1, t_C[:, None], -coef_C[:, None])
+                _accumulate(dlogits_CV, hidden_ND[rows], w_VD, rows, grad_h, grad_w)
+                del dlogits_CV
+            del logits_CV, probs_CV  # one [chunk, V] buffer at a time
+        _save_grads(ctx, hidden_ND, weight_VD, grad_h, grad_w)
+        ctx.mark_non_differentiable(lS_N, r_N)
+        return -(weights_N * r_N * lS_N).sum(), lS_N, r_N
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lS, _grad_r):
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
+
+
+def sampled_pg_loss(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    weights_N: torch.Tensor,
+    reward_fn: Callable[[torch.Tensor, slice], torch.Tensor],
+    chunk: int = 1024,
+):
+    """OPD loss with stop-gradient token rewards, fused with the lm-head.
+
+    loss = -sum_t w_t r_t lS_t,   lS_t = log pi(token_t),   r_t = reward_fn(sg[lS_C], rows)
+
+    `reward_fn` gets the fp32 log-probs of one chunk and the slice of rows it covers and
+    returns that chunk's rewards (it must not need other chunks: z-scored rewards go through
+    `sampled_logprobs`). Returns (loss, lS_N, r_N); only the loss carries gradient, and it
+    equals autograd through log_softmax-then-gather of the same loss.
+    """
+    dtype = _compute_dtype(weight_VD)
+    with torch.autocast(hidden_ND.device.type, enabled=False):
+        return _SampledPGLoss.apply(hidden_ND, weight_VD, targets_N, weights_N, reward_fn, chunk, dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# exact full-vocab KL(student || teacher)
 
 
 class _FullVocabKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, chunk):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        wS32, wT32 = wS_VD.float(), wT_VD.float()
+    def forward(ctx, hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, chunk, dtype_S, dtype_T):
+        wS, wT = wS_VD.to(dtype_S), wT_VD.to(dtype_T)
         n = hS_ND.shape[0]
         kl_N = hS_ND.new_empty(n, dtype=torch.float32)
         lS_N, lT_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
-        grad_h = torch.empty(hS_ND.shape, dtype=torch.float32, device=hS_ND.device) if need_h else None
-        grad_w = torch.zeros_like(wS32) if need_w else None
+        grad_h, grad_w = _grad_buffers(ctx, hS_ND, wS_VD)
         weights_N = weights_N.float()
         for rows in _chunks(n, chunk):
-            hS32 = hS_ND[rows].float()
-            logpS_CV = torch.log_softmax(hS32 @ wS32.T, dim=-1)
-            logpT_CV = torch.log_softmax(hT_ND[rows].float() @ wT32.T, dim=-1)
-            lS_N[rows] = logpS_CV.gather(1, targets_N[rows, None]).squeeze(1)
-            lT_N[rows] = logpT_CV.gather(1, targets_N[rows, None]).squeeze(1)
-            pS_CV = logpS_CV.exp()
-            diff_CV = logpS_CV.sub_(logpT_CV)  # log pS - log pT, in the log pS buffer
-            del logpT_CV
-            kl_C = (pS_CV[:, None, :] @ diff_CV[:, :, None]).view(-1)  # row-wise dot, no temp
+            t_C = targets_N[rows]
+            logpS_CV = _logits(hS_ND[rows], wS)
+            logpS_CV.sub_(_lse_keep(logpS_CV)[:, None])
+            lS_N[rows] = _gather(logpS_CV, t_C)
+            diff_CV = _logits(hT_ND[rows], wT)  # teacher logits -> log pT -> log pS - log pT
+            diff_CV.sub_(_lse_keep(diff_CV)[:, None])
+            lT_N[rows] = _gather(diff_CV, t_C)
+            diff_CV.neg_().add_(logpS_CV)
+            pS_CV = logpS_CV.exp_()
+            kl_C = torch.bmm(pS_CV[:, None, :], diff_CV[:, :, None]).view(-1)  # row-wise dot, no temp
             kl_N[rows] = kl_C
-            if need_h or need_w:
+            if grad_h is not None or grad_w is not None:
                 # d KL / d logits_S = pS * (log pS - log pT - KL)
                 dlogits_CV = diff_CV.sub_(kl_C[:, None]).mul_(pS_CV).mul_(weights_N[rows, None])
-                if need_h:
-                    grad_h[rows] = dlogits_CV @ wS32
-                if need_w:
-                    grad_w.addmm_(dlogits_CV.T, hS32)
-        loss = (kl_N * weights_N).sum()
-        ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
-        ctx.dtypes = (hS_ND.dtype, wS_VD.dtype)
+                _accumulate(dlogits_CV, hS_ND[rows], wS, rows, grad_h, grad_w)
+                del dlogits_CV
+            del logpS_CV, pS_CV, diff_CV  # two [chunk, V] buffers at a time, never more
+        _save_grads(ctx, hS_ND, wS_VD, grad_h, grad_w)
         ctx.mark_non_differentiable(kl_N, lS_N, lT_N)
-        return loss, kl_N, lS_N, lT_N
+        return (kl_N * weights_N).sum(), kl_N, lS_N, lT_N
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ls, _grad_lt):
-        grad_h, grad_w = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (
-            (grad_h * grad_loss).to(ctx.dtypes[0]) if need_h else None,
-            (grad_w * grad_loss).to(ctx.dtypes[1]) if need_w else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None)
 
 
 def full_vocab_kl(
@@ -140,5 +295,9 @@ def full_vocab_kl(
     through the whole student distribution (teacher side is constant); kl_N and the
     sampled tokens' log-probs lS_N / lT_N come for free and carry no gradient.
     """
+    dtype_S = _compute_dtype(wS_VD)
+    dtype_T = wT_VD.dtype if dtype_S == wS_VD.dtype else dtype_S
     with torch.autocast(hS_ND.device.type, enabled=False):
-        return _FullVocabKL.apply(hS_ND, wS_VD, hT_ND.detach(), wT_VD.detach(), targets_N, weights_N, chunk)
+        return _FullVocabKL.apply(
+            hS_ND, wS_VD, hT_ND.detach(), wT_VD.detach(), targets_N, weights_N, chunk, dtype_S, dtype_T
+        )

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from poweropd.config import ConfigError, ModelPairConfig
-from poweropd.logprobs import full_vocab_kl, sampled_logprobs
+from poweropd.logprobs import full_vocab_kl, sampled_logprobs, sampled_pg_loss
 from poweropd.rollout import neutralize_generation_defaults
 
 log = logging.getLogger(__name__)
@@ -180,30 +180,39 @@ class StudentScorer(nn.Module):
         mask_BT,
         teacher_hidden_ND=None,
         teacher_weight_VD=None,
-        kl_weights_N=None,
+        loss_weights_N=None,
+        reward_fn=None,
     ):
-        """Sampled-token log-probs lS_N (differentiable), or with teacher hidden states the
-        full-vocab KL tuple (loss, kl_N, lS_N, lT_N) of `full_vocab_kl`."""
+        """One of three heads on the same student pass:
+        - plain: sampled-token log-probs lS_N (differentiable);
+        - `reward_fn` and `loss_weights_N`: the fused OPD loss tuple (loss, lS_N, r_N) of
+          `sampled_pg_loss`;
+        - teacher hidden states and lm-head: the full-vocab KL tuple (loss, kl_N, lS_N, lT_N)
+          of `full_vocab_kl`, weighted by `loss_weights_N`."""
         hidden_ND = completion_hidden(self.lm, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
         targets_N = input_ids_BS[:, prompt_len:][mask_BT]
         weight_VD = self.lm.get_output_embeddings().weight
-        if teacher_hidden_ND is None:
-            return sampled_logprobs(hidden_ND, weight_VD, targets_N, self.chunk)
-        return full_vocab_kl(
-            hidden_ND, weight_VD, teacher_hidden_ND, teacher_weight_VD, targets_N, kl_weights_N, self.chunk
-        )
+        if teacher_hidden_ND is not None:
+            return full_vocab_kl(
+                hidden_ND, weight_VD, teacher_hidden_ND, teacher_weight_VD, targets_N, loss_weights_N, self.chunk
+            )
+        if reward_fn is not None:
+            return sampled_pg_loss(hidden_ND, weight_VD, targets_N, loss_weights_N, reward_fn, self.chunk)
+        return sampled_logprobs(hidden_ND, weight_VD, targets_N, self.chunk)
 
 
 @torch.no_grad()
 def teacher_score(
-    teacher: nn.Module, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, chunk: int, keep_hidden: bool = False
+    teacher: nn.Module, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, chunk: int, hidden_only: bool = False
 ):
-    """Teacher log-probs lT_N of the very same token ids (and its hidden states [N, D_T]
-    for the full-vocab loss)."""
+    """(lT_N, None): teacher log-probs of the very same token ids; or with `hidden_only`
+    (None, hidden_ND [N, D_T]) for the full-vocab loss, which reads lT_N off its own
+    teacher logits instead of paying for a second teacher lm-head pass."""
     hidden_ND = completion_hidden(teacher, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
+    if hidden_only:
+        return None, hidden_ND
     targets_N = input_ids_BS[:, prompt_len:][mask_BT]
-    lT_N = sampled_logprobs(hidden_ND, teacher.get_output_embeddings().weight, targets_N, chunk)
-    return lT_N, (hidden_ND if keep_hidden else None)
+    return sampled_logprobs(hidden_ND, teacher.get_output_embeddings().weight, targets_N, chunk), None
 
 
 def local_path_exists(path: str) -> bool:

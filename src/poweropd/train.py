@@ -114,7 +114,7 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
             run.pair.teacher,
             *_model_inputs(rollouts, mask_BT, rows_),
             tc.logprob_chunk_size,
-            keep_hidden=rc.name == "full_vocab",
+            hidden_only=rc.name == "full_vocab",
         )
         for rows_ in micro
     ]
@@ -126,7 +126,10 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     if rc.normalize == "zscore" and len(micro) > 1:
         moments = zscore_moments_prepass(run, rollouts, mask_BT, micro, teacher_out)
 
-    # 3. Student log-probs, rewards and the loss; one backward per micro-batch.
+    # 3. Student log-probs, rewards and the loss; one backward per micro-batch. Rewards that
+    # need only their own token are formed inside the fused lm-head kernel (its gradient is
+    # built in the forward, no recomputation); z-scored ones wait for the batch moments.
+    fused = rc.name != "full_vocab" and rc.normalize != "zscore"
     tokens = {"lT": [], "lS": [], "reward": [], "kl": [], "pos": []}
     loss_sum = torch.zeros((), device=acc.device)
     for i, rows_ in enumerate(micro):
@@ -138,10 +141,13 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
             with acc.autocast():
                 if rc.name == "full_vocab":
                     head_T = run.pair.teacher.get_output_embeddings().weight
-                    loss, kl_N, lS_N, _ = run.scorer(
-                        *inputs, teacher_hidden_ND=hT_ND, teacher_weight_VD=head_T, kl_weights_N=w_N
+                    loss, kl_N, lS_N, lT_N = run.scorer(
+                        *inputs, teacher_hidden_ND=hT_ND, teacher_weight_VD=head_T, loss_weights_N=w_N
                     )
                     tokens["kl"].append(kl_N)
+                elif fused:
+                    loss, lS_N, r_N = run.scorer(*inputs, loss_weights_N=w_N, reward_fn=token_rewards(run, lT_N))
+                    tokens["reward"].append(r_N)
                 else:
                     lS_N = run.scorer(*inputs)
                     r_N = compute_rewards(run, lT_N, lS_N.detach(), moments)
@@ -178,6 +184,18 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
     return metrics, gathered
+
+
+def token_rewards(run: Run, lT_N: torch.Tensor):
+    """reward_fn for the fused loss kernel: the registry's reward of one chunk of tokens."""
+    rc = run.cfg.reward
+    reward = get_reward(rc.name)
+
+    def reward_fn(lS_C: torch.Tensor, rows: slice) -> torch.Tensor:
+        lT_C = lT_N[rows].float()
+        return reward(lT_C, lS_C, torch.ones_like(lT_C), rc)
+
+    return reward_fn
 
 
 def compute_rewards(run: Run, lT_N, lS_N, moments=None) -> torch.Tensor:
