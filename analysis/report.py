@@ -20,8 +20,8 @@ import pandas as pd
 
 from analysis import claims as claims_mod
 from analysis import tables
-from analysis.flops import paper_table4_flops
 from analysis.load import RunSet, load_runs, load_wandb
+from poweropd.flops import paper_table4_flops
 
 PAPER_TABLE4 = {"time_s": (22.14, 9.03), "mem_gib": (78.99, 60.72)}  # full-vocab, PowerOPD (Qwen3-4B -> 0.6B)
 

@@ -7,7 +7,7 @@ best underlined, among the trained methods (reference rows such as the teacher a
 but not ranked; Len is not ranked, since shorter is not better by itself). A missing cell
 is "-" and a note says which run lacks which result and the command that fills it.
 
-Table 4: TFLOPs per update from the FLOPs model (analysis.flops) for each pair's
+Table 4: TFLOPs per update from the FLOPs model (poweropd.flops) for each pair's
 architecture, and the measured median step time and peak memory of sampled-token vs
 full-vocab runs, with the reductions in percent.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis.flops import arch_of, update_flops
 from analysis.load import method_sort_key
+from poweropd.flops import arch_of, update_flops
 
 METRICS = (("avg_at_n", "Avg"), ("pass_at_n", "Pass"), ("length", "Len"))
 RANKED = ("avg_at_n", "pass_at_n")

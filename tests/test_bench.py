@@ -1,4 +1,5 @@
-"""The benchmark scripts run and report what they measured (their numbers are not asserted)."""
+"""The benchmark scripts run end to end at tiny sizes and write what they measured
+(their numbers are printed and kept, never asserted: speed lives in the benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,125 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+from conftest import MICRO_PAIR, ROOT
 
-from poweropd.bench import logprobs_table
+from poweropd.bench import kernels, step
 
 
-def test_logprobs_benchmark_runs_small_and_writes_json(tmp_path):
-    out = tmp_path / "lp.json"
-    cmd = [sys.executable, "-m", "poweropd.bench", "logprobs", "--tokens", "64", "--vocab", "500", "--hidden", "8"]
+def bench(tmp_path, *args):
+    out = tmp_path / "out.json"
     done = subprocess.run(
-        [*cmd, "--chunk", "16", "--repeats", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "poweropd.bench", *args, "--cpu", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    kinds = {(r["kind"], r["tokens"]) for r in result["rows"]}
-    assert kinds == {("naive", 64), ("chunked", 64)}
-    assert all(r["time_s"] > 0 for r in result["rows"])
-    assert result["command"].startswith("python -m poweropd.bench logprobs") and result["machine"]["torch"]
+    markdown = out.with_suffix(".md").read_text()
+    name = {"logprobs": "kernels"}.get(args[0], args[0])  # the command is recorded under its current name
+    assert result["command"].startswith(f"python -m poweropd.bench {name} ") and result["machine"]["torch"]
+    assert result["table"] in markdown and result["command"] in markdown
+    return result
 
 
-def test_skipped_cases_are_said_not_hidden():
+def test_kernel_benchmark_runs_small_and_writes_json_and_markdown(tmp_path):
+    result = bench(tmp_path, "kernels", "--tokens", "64", "--vocab", "500", "--hidden", "8", "--chunk", "16")
+    assert {(r["kind"], r["tokens"]) for r in result["rows"]} == {("naive", 64), ("chunked", 64), ("fused", 64)}
+    assert all(r["time_s"] > 0 and r["peak_mem_gb"] > 0 for r in result["rows"])
+
+
+def test_old_benchmark_name_still_works(tmp_path):
+    result = bench(tmp_path, "logprobs", "--tokens", "32", "--vocab", "300", "--hidden", "8", "--kinds", "chunked")
+    assert [r["kind"] for r in result["rows"]] == ["chunked"]
+
+
+def test_step_benchmark_compares_both_methods_on_the_same_rollouts(tmp_path):
+    result = bench(tmp_path, "step", "--shapes", "tiny", "--batch", "2", "--response", "12", "--prompt", "6")
+    by = {r["reward"]: r for r in result["rows"]}
+    assert set(by) == {"power", "full_vocab"}
+    for row in by.values():
+        assert row["step_s"] >= row["update_s"] > 0
+        assert row["n_generated"] == by["power"]["n_generated"]  # the same rollouts for both methods
+    assert "| sampled / full-vocab |" in result["table"]
+
+
+def test_scaling_benchmark_reports_time_beside_flops(tmp_path):
+    result = bench(
+        tmp_path,
+        "scaling",
+        "--shapes",
+        "tiny",
+        "--lengths",
+        "8",
+        "16",
+        "--batches",
+        "2",
+        "4",
+        "--response",
+        "8",
+        "--batch",
+        "2",
+        "--prompt",
+        "4",
+        "--repeats",
+        "1",
+    )
+    rows = result["rows"]
+    assert [(r["series"], r["batch"], r["response"]) for r in rows] == [
+        ("length", 2, 8),
+        ("length", 2, 16),
+        ("batch", 2, 8),
+        ("batch", 4, 8),
+    ]
+    assert [r["n_tokens"] for r in rows] == [16, 32, 16, 32]
+    # the FLOPs column is the model's: doubling the batch doubles it exactly
+    assert rows[3]["executed_tflops"] == pytest.approx(2 * rows[2]["executed_tflops"])
+    assert rows[1]["executed_tflops"] > rows[0]["executed_tflops"]
+
+
+def test_overhead_benchmark_times_both_loops(tmp_path, toy_cache):
+    # the micro pair: build it through a normal run first, then point the benchmark at it
+    from conftest import make_config
+
+    from poweropd.models import load_pair
+
+    cfg = make_config(MICRO_PAIR + [f"model_pair.cache_dir={toy_cache}"])
+    load_pair(cfg.model_pair, __import__("torch").device("cpu"))
+    result = bench(
+        tmp_path,
+        "overhead",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--batch",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--cache-dir",
+        str(toy_cache),
+        "--toy",
+        *MICRO_PAIR,
+    )
+    by = {r["kind"]: r for r in result["rows"]}
+    assert set(by) == {"harness", "bare"}
+    assert all(r["steps"] == 2 and r["median_step_s"] > 0 for r in by.values())
+    assert "harness / bare" in result["table"]
+
+
+def test_tables_say_what_was_skipped():
     rows = [
         {"kind": "naive", "tokens": 65536, "skipped": "needs ~111 GB"},
-        {"kind": "chunked", "tokens": 65536, "time_s": 2.0, "peak_mem_gb": 1.2},
-        {"kind": "naive", "tokens": 1024, "time_s": 1.0, "peak_mem_gb": 2.0},
-        {"kind": "chunked", "tokens": 1024, "time_s": 1.1, "peak_mem_gb": 0.5},
+        {"kind": "chunked", "tokens": 65536, "time_s": 2.0, "growth_mem_gb": 1.2},
+        {"kind": "naive", "tokens": 1024, "time_s": 1.0, "growth_mem_gb": 2.0},
+        {"kind": "chunked", "tokens": 1024, "time_s": 1.1, "growth_mem_gb": 0.5},
     ]
-    table = logprobs_table(rows)
-    assert "| 1024 | 1.000 | 1.100 | 1.10x | 2.00 | 0.50 | 4.0x lower |" in table
+    table = kernels.table(rows)
+    assert "| 1024 | 1.000 | 1.100 | 2.00 | 0.50 | 1.10x | 4.00x lower |" in table
     assert "skipped (needs ~111 GB)" in table
+    step_rows = [{"reward": "power", "skipped": "CUDA out of memory"}, {"reward": "full_vocab", "skipped": "x"}]
+    assert "skipped (CUDA out of memory)" in step.step_table(step_rows)
