@@ -257,3 +257,50 @@ def test_fp32_kernels_are_exact_at_a_realistic_vocabulary_with_a_ragged_last_chu
     )
     for a, b in zip(g_pg, g_lp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the operand dtypes of every matrix-matrix product (the lm-head matmuls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):  # not the KL's fp32 row dots
+            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2)
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_the_head_multiplies_in_the_autocast_dtype():
+    """The GPU setting (fp32 master weights, bf16 autocast), exercised on the CPU: the kernels
+    multiply in bf16 like the model's own lm-head would, keep fp32 log-probs and return fp32
+    gradients for fp32 weights, within bf16 rounding of the exact values."""
+    h, w, h_t, w_t, targets = make_inputs()
+    lT = naive_sampled(h_t, w_t, targets)
+    weights = torch.rand(h.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as spy:
+        loss, lS, _ = sampled_pg_loss(h, w, targets, weights, power_reward(lT), 8)
+        kl_loss, kl, _, _ = full_vocab_kl(h, w, h_t, w_t, targets, weights, 8)
+    assert spy.dtypes == {torch.bfloat16}  # every lm-head matmul ran in bf16
+    assert lS.dtype == kl.dtype == torch.float32
+    torch.testing.assert_close(lS, naive_sampled(h, w, targets).detach(), rtol=0, atol=0.1)
+    torch.testing.assert_close(kl.double(), brute_force_kl(h, w, h_t, w_t).detach(), rtol=0, atol=0.1)
+    for fn, ref in (
+        (
+            lambda: loss,
+            lambda: (
+                -(
+                    weights
+                    * power_reward(lT)(naive_sampled(h, w, targets).detach(), slice(None))
+                    * naive_sampled(h, w, targets)
+                ).sum()
+            ),
+        ),
+        (lambda: kl_loss, lambda: (brute_force_kl(h, w, h_t, w_t) * weights.double()).sum()),
+    ):
+        got = grads(fn, h, w)
+        expected = grads(ref, h, w)
+        for g, e in zip(got, expected):
+            assert g.dtype == torch.float32
+            assert (g.double() - e.double()).abs().max() < 0.05 * e.abs().max() + 1e-3
