@@ -304,3 +304,11 @@ def test_under_autocast_the_head_multiplies_in_the_autocast_dtype():
         for g, e in zip(got, expected):
             assert g.dtype == torch.float32
             assert (g.double() - e.double()).abs().max() < 0.05 * e.abs().max() + 1e-3
+
+
+def test_a_fused_loss_refuses_a_second_backward():
+    h, w, h_t, w_t, targets = make_inputs()
+    loss = full_vocab_kl(h, w, h_t, w_t, targets, torch.ones(h.shape[0]), 8)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward()

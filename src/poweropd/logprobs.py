@@ -115,19 +115,20 @@ def _grad_buffers(ctx, hidden_ND, weight_VD):
 
 
 def _save_grads(ctx, hidden_ND, weight_VD, grad_h, grad_w) -> None:
-    empty = hidden_ND.new_empty(0)
-    ctx.save_for_backward(empty if grad_h is None else grad_h, empty if grad_w is None else grad_w)
+    # Kept as plain attributes, not saved tensors: the backward scales them in place and
+    # hands them over, so the [V, D] weight gradient exists once, not twice.
+    ctx.grads = (grad_h, grad_w)
     ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
-    ctx.has = (grad_h is not None, grad_w is not None)
 
 
 def _scaled_grads(ctx, grad_loss) -> tuple:
-    grad_h, grad_w = ctx.saved_tensors
-    has_h, has_w = ctx.has
-    return (
-        (grad_h * grad_loss).to(ctx.dtypes[0]) if has_h else None,
-        (grad_w * grad_loss).to(ctx.dtypes[1]) if has_w else None,
-    )
+    if ctx.grads is None:
+        raise RuntimeError(
+            "the fused lm-head loss was differentiated twice; its gradient is handed over by the first "
+            "backward, so compute the loss again instead of using retain_graph"
+        )
+    (grad_h, grad_w), ctx.grads = ctx.grads, None
+    return tuple(None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in zip((grad_h, grad_w), ctx.dtypes))
 
 
 # ----------------------------------------------------------------------------------------
