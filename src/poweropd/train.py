@@ -186,14 +186,18 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     return metrics, gathered
 
 
+def raw_rewards(rc, lT_N: torch.Tensor, lS_N: torch.Tensor) -> torch.Tensor:
+    """The registry's reward of valid tokens (1-D, fp32), before any batch normalisation."""
+    lT_N = lT_N.float()
+    return get_reward(rc.name)(lT_N, lS_N.float(), torch.ones_like(lT_N), rc)
+
+
 def token_rewards(run: Run, lT_N: torch.Tensor):
-    """reward_fn for the fused loss kernel: the registry's reward of one chunk of tokens."""
+    """reward_fn for the fused loss kernel: the rewards of one chunk of tokens."""
     rc = run.cfg.reward
-    reward = get_reward(rc.name)
 
     def reward_fn(lS_C: torch.Tensor, rows: slice) -> torch.Tensor:
-        lT_C = lT_N[rows].float()
-        return reward(lT_C, lS_C, torch.ones_like(lT_C), rc)
+        return raw_rewards(rc, lT_N[rows], lS_C)
 
     return reward_fn
 
@@ -201,9 +205,9 @@ def token_rewards(run: Run, lT_N: torch.Tensor):
 def compute_rewards(run: Run, lT_N, lS_N, moments=None) -> torch.Tensor:
     """Stop-gradient token rewards from the registry, z-scored over the whole batch if asked."""
     rc = run.cfg.reward
-    ones_N = torch.ones_like(lT_N)
-    r_N = get_reward(rc.name)(lT_N.float(), lS_N.float(), ones_N, rc)
+    r_N = raw_rewards(rc, lT_N, lS_N)
     if rc.normalize == "zscore":
+        ones_N = torch.ones_like(r_N)
         if moments is None:  # a single micro-batch: this is the whole (per-process) batch
             moments = run.accelerator.reduce(masked_moments(r_N, ones_N), "sum")
         r_N = zscore(r_N, ones_N, moments)
@@ -218,7 +222,7 @@ def zscore_moments_prepass(run: Run, rollouts: Rollouts, mask_BT, micro, teacher
     for rows_, (lT_N, _) in zip(micro, teacher_out):
         with run.accelerator.autocast():
             lS_N = scorer(*_model_inputs(rollouts, mask_BT, rows_))
-        r_N = get_reward(rc.name)(lT_N.float(), lS_N.float(), torch.ones_like(lT_N), rc)
+        r_N = raw_rewards(rc, lT_N, lS_N)
         total += masked_moments(r_N, torch.ones_like(r_N))
     return run.accelerator.reduce(total, "sum")
 
