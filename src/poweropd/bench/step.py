@@ -174,6 +174,23 @@ def case(
     }
 
 
+def _case_kwargs(args, device: str, reward: str, batch: int, response: int, generate_rollouts: bool) -> dict:
+    """Arguments of `case` for one method and size, the rest from the command line."""
+    return dict(
+        reward=reward,
+        shapes=args.shapes,
+        batch=batch,
+        prompt=args.prompt,
+        response=response,
+        chunk=args.chunk,
+        micro=args.micro,
+        repeats=args.repeats,
+        device=device,
+        generate_rollouts=generate_rollouts,
+        grad_ckpt=args.gradient_checkpointing,
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # benchmark 2: sampled-token vs full-vocab
 
@@ -181,19 +198,7 @@ def case(
 def run_step(args, device: str) -> list[dict]:
     rows = []
     for reward in ("power", "full_vocab"):
-        kwargs = dict(
-            reward=reward,
-            shapes=args.shapes,
-            batch=args.batch,
-            prompt=args.prompt,
-            response=args.response,
-            chunk=args.chunk,
-            micro=args.micro,
-            repeats=args.repeats,
-            device=device,
-            generate_rollouts=not args.no_generate,
-            grad_ckpt=args.gradient_checkpointing,
-        )
+        kwargs = _case_kwargs(args, device, reward, args.batch, args.response, not args.no_generate)
         rows.append({"reward": reward, **run_isolated("poweropd.bench.step:case", kwargs)})
         print(_step_line(rows[-1]), flush=True)
     return rows
@@ -248,19 +253,7 @@ def run_scaling(args, device: str) -> list[dict]:
     series = [("length", args.batch, t) for t in args.lengths] + [("batch", b, args.response) for b in args.batches]
     rows = []
     for name, batch, response in series:
-        kwargs = dict(
-            reward=args.reward,
-            shapes=args.shapes,
-            batch=batch,
-            prompt=args.prompt,
-            response=response,
-            chunk=args.chunk,
-            micro=args.micro,
-            repeats=args.repeats,
-            device=device,
-            generate_rollouts=False,
-            grad_ckpt=args.gradient_checkpointing,
-        )
+        kwargs = _case_kwargs(args, device, args.reward, batch, response, generate_rollouts=False)
         rows.append(
             {"series": name, "batch": batch, "response": response, **run_isolated("poweropd.bench.step:case", kwargs)}
         )
