@@ -129,3 +129,23 @@ def test_tables_say_what_was_skipped():
     assert "skipped (needs ~111 GB)" in table
     step_rows = [{"reward": "power", "skipped": "CUDA out of memory"}, {"reward": "full_vocab", "skipped": "x"}]
     assert "skipped (CUDA out of memory)" in step.step_table(step_rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["kernels", "--tokens", "0"], "argument --tokens: must be >= 1 (got 0)"),
+        (["step", "--batch", "eight"], "argument --batch: 'eight' is not a whole number"),
+        (["overhead", "--toy", "teacher.layrs=1"], "the toy pair has no field 'teacher.layrs'"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "poweropd.bench", *args, "--cpu", "--json", str(tmp_path / "out.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.json").exists()

@@ -205,3 +205,44 @@ def test_statistics_cover_valid_tokens_only(tmp_path, toy_cache):
     assert metrics["reward/min"] <= metrics["reward/p5"] <= metrics["reward/mean"] <= metrics["reward/max"]
     # positions of the valid tokens: 0..3 of row 0, 0..6 of row 1 (truncated), 0..5 of row 2
     assert sorted(tokens["pos"].tolist()) == sorted([*range(4), *range(7), *range(6)])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "teacher_passes", "student_passes", "head_passes"),
+    [
+        (["reward=power"], 1, 1, 2),
+        (["reward=full_vocab"], 1, 1, 1),
+        (["reward=vanilla", "training.micro_batch_size=2"], 3, 3, 2),
+        # z-score over several micro-batches needs the batch moments first: one no-grad pre-pass
+        (["reward=zscore", "training.micro_batch_size=2"], 3, 6, 3),
+    ],
+)
+def test_one_update_runs_each_model_once_and_projects_only_completion_tokens(
+    tmp_path, toy_cache, monkeypatch, overrides, teacher_passes, student_passes, head_passes
+):
+    """No extra model pass for statistics or logging, no lm-head module call (the kernels use
+    the weight on completion hidden states only), and exactly the valid completion tokens
+    reach the vocabulary projection."""
+    import poweropd.models as models
+
+    run = make_run(tmp_path, toy_cache, *overrides)
+    calls = {"teacher": 0, "student": 0, "head": 0}
+    for name, model in (("teacher", run.pair.teacher), ("student", run.student)):
+        model.get_decoder().register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+        model.get_output_embeddings().register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
+    projected = []
+    for kernel in ("sampled_logprobs", "sampled_pg_loss", "full_vocab_kl"):
+        original = getattr(models, kernel)
+
+        def spy(hidden_ND, *args, _original=original, **kwargs):
+            projected.append(hidden_ND.shape[0])
+            return _original(hidden_ND, *args, **kwargs)
+
+        monkeypatch.setattr(models, kernel, spy)
+    completions = sample_completions(run, [5, 1, 10, 4, 0], [True, True, False, True, True])
+    metrics, _ = opd_update(run, make_rollouts(run, completions, extra_pad=2, after_stop="random"))
+    assert calls == {"teacher": teacher_passes, "student": student_passes, "head": 0}
+    # every kernel call projects its micro-batch's valid completion tokens and nothing else:
+    # each pass over the batch (teacher, student, z-score pre-pass; full-vocab scores the
+    # teacher's hidden states inside the student's KL call) sends exactly N tokens to a head
+    assert sum(projected) == head_passes * metrics["n_tokens"]

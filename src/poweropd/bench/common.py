@@ -3,6 +3,7 @@ and the JSON + Markdown files a benchmark leaves behind."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +17,26 @@ from pathlib import Path
 import torch
 
 QWEN3_VOCAB = 151_936
+
+
+def _whole(text: str, smallest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < smallest:
+        raise argparse.ArgumentTypeError(f"must be >= {smallest} (got {value})")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (token counts, sizes, repeats)."""
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (0 meaning "all" or "default")."""
+    return _whole(text, 0)
 
 
 def pick_device(cpu: bool) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from poweropd.bench.common import PeakMemory, available_bytes, median_time, run_isolated
+from poweropd.bench.common import PeakMemory, available_bytes, median_time, positive_int, run_isolated
 
 KINDS = ("naive", "chunked", "fused")
 
@@ -119,12 +119,12 @@ def table(rows: list[dict]) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    parser.add_argument("--vocab", type=int, default=151_936)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab", type=positive_int, default=151_936)
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--chunk", type=positive_int, default=1024)
+    parser.add_argument("--repeats", type=positive_int, default=3)
 
 
 def describe(args, device: str) -> str:

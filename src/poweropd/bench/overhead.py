@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from poweropd.bench.common import fmt, run_isolated
+from poweropd.bench.common import fmt, non_negative_int, positive_int, run_isolated
 
 ALPHA = 1.0
 
@@ -42,7 +42,9 @@ def _toy_spec(overrides: list[str]):
         for name in parents:
             node = getattr(node, name)
         if not hasattr(node, leaf):
-            raise SystemExit(f"--toy {item}: the toy pair has no field {key!r}")
+            raise SystemExit(
+                f"error: --toy {item}: the toy pair has no field {key!r} (fields: see conf/model_pair/toy.yaml)"
+            )
         setattr(node, leaf, type(getattr(node, leaf))(value))
     return spec
 
@@ -173,6 +175,7 @@ def bare_case(
 def run(args, device: str) -> list[dict]:
     if device == "cuda":
         print("note: the overhead benchmark runs the toy pair on the CPU")
+    _toy_spec(args.toy)  # a bad --toy override fails here, in one line, before any process starts
     kwargs = dict(
         steps=args.steps,
         warmup=args.warmup,
@@ -226,12 +229,12 @@ def table(rows: list[dict]) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating harness/bare rounds")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per round")
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="alternating harness/bare rounds")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--cache-dir", default=None, help="toy pair cache (default: POWEROPD_CACHE or ~/.cache)")
     parser.add_argument("--toy", nargs="*", default=[], help="toy pair spec overrides, e.g. teacher.layers=1")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from poweropd.bench.common import QWEN3_VOCAB, PeakMemory, fmt, run_isolated
+from poweropd.bench.common import QWEN3_VOCAB, PeakMemory, fmt, non_negative_int, positive_int, run_isolated
 from poweropd.flops import QWEN3, Arch, update_flops
 
 # (teacher, student)
@@ -307,27 +307,27 @@ def scaling_table(rows: list[dict]) -> str:
 
 def add_common_arguments(parser) -> None:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="mini")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per rollout")
-    parser.add_argument("--chunk", type=int, default=1024, help="tokens per lm-head chunk")
-    parser.add_argument("--micro", type=int, default=0, help="rollouts per forward/backward (0 = all)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt", type=positive_int, default=64, help="prompt tokens per rollout")
+    parser.add_argument("--chunk", type=positive_int, default=1024, help="tokens per lm-head chunk")
+    parser.add_argument("--micro", type=non_negative_int, default=0, help="rollouts per forward/backward (0 = all)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
 
 
 def add_step_arguments(parser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--batch", type=int, default=8, help="rollouts per update")
-    parser.add_argument("--response", type=int, default=256, help="response tokens per rollout")
+    parser.add_argument("--batch", type=positive_int, default=8, help="rollouts per update")
+    parser.add_argument("--response", type=positive_int, default=256, help="response tokens per rollout")
     parser.add_argument("--no-generate", action="store_true", help="time the update on fixed rollouts only")
 
 
 def add_scaling_arguments(parser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--reward", choices=("power", "full_vocab"), default="power")
-    parser.add_argument("--batch", type=int, default=4, help="batch of the length series")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--response", type=int, default=256, help="response length of the batch series")
-    parser.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--batch", type=positive_int, default=4, help="batch of the length series")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--response", type=positive_int, default=256, help="response length of the batch series")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[4, 8, 16])
 
 
 def describe(args, device: str) -> str:
