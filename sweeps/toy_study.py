@@ -1,14 +1,21 @@
 """The miniature reproduction of the paper on the toy pair, in one command (2 CPU cores):
 
-    python sweeps/toy_study.py                       # train 39 runs, evaluate, report
+    python sweeps/toy_study.py                       # calibrate, train, evaluate, report
     python sweeps/toy_study.py --out docs/toy_study  # where report.md and figures go (default)
 
-1. training: `python run.py -cd sweeps -cn toy_study` (13 methods x 3 seeds, joblib, 2 at a time)
-2. evaluation: every run, plus the untrained student and the teacher, Avg@8 / Pass@8 / length
-   on the 500 toy test problems (`python evaluate.py sweep_dir=...`)
-3. the report: `python -m analysis.report outputs/toy_study --out docs/toy_study`
-Each step skips what is already done, so an interrupted study is finished by running it again.
-Extra arguments after `--` go to run.py (e.g. `-- training.steps=50` for a quick look).
+1. calibration (`python run.py -cd sweeps -cn toy_calibration`): six objectives x four
+   learning rates, one seed, scored on the validation split; the learning rate with the best
+   mean final validation accuracy becomes the one every method shares (the paper's protocol)
+2. training (`python run.py -cd sweeps -cn toy_study training.lr=<chosen>`): the 13 rows of
+   Tables 2/3 x 3 seeds, 200 updates each, joblib, 2 runs at a time
+3. evaluation: every run, plus the untrained student and the teacher, Avg@8 / Pass@8 /
+   length on the 500 toy test problems (`python evaluate.py sweep_dir=...`)
+4. the report: `python -m analysis.report <study>/runs <study>/evals --calibration
+   <study>/calibration --out docs/toy_study` (figures, tables with mean +- std over seeds,
+   learning-rate robustness, ordering claims with paired bootstrap intervals)
+Each stage skips what is already done, so an interrupted study is finished by running it
+again. Extra arguments after `--` go to every run.py call (e.g. `-- training.steps=50`);
+--methods / --seeds / --lrs / --calibration-methods shrink the grid for a quick look.
 """
 
 from __future__ import annotations
@@ -23,29 +30,73 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDY = "outputs/toy_study"
 
 
-def step(title: str, cmd: list[str]) -> None:
+def stage(title: str, cmd: list[str], capture: bool = False) -> str:
     print(f"\n== {title}\n$ {' '.join(cmd)}", flush=True)
     started = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    result = subprocess.run(cmd, cwd=ROOT, check=True, text=True, stdout=subprocess.PIPE if capture else None)
     print(f"== {title}: {time.time() - started:.0f} s", flush=True)
+    if capture:
+        print(result.stdout, flush=True)
+        return result.stdout
+    return ""
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/toy_study", help="report folder")
     parser.add_argument("--study", default=STUDY, help="where the runs and evaluations go")
-    parser.add_argument("extra", nargs="*", help="run.py overrides (after --)")
+    parser.add_argument("--lr", default=None, help="skip the calibration and use this learning rate")
+    parser.add_argument("--methods", default=None, help="study experiments, comma-separated (default: all 13)")
+    parser.add_argument("--seeds", default=None, help="study seeds, comma-separated (default: 0,1,2)")
+    parser.add_argument("--calibration-methods", default=None, help="calibration experiments (default: six)")
+    parser.add_argument("--lrs", default=None, help="calibration learning rates (default: 1e-4,3e-4,1e-3,3e-3)")
+    parser.add_argument("--eval-args", default="", help="extra evaluate.py overrides, space-separated")
+    parser.add_argument("extra", nargs="*", help="run.py overrides for every run (after --)")
     args = parser.parse_args()
     py = sys.executable
     started = time.time()
-    step(
-        "train",
-        [py, "run.py", "-cd", "sweeps", "-cn", "toy_study", f"output_root={args.study}", *args.extra],
+    study = args.study.rstrip("/")
+
+    lr = args.lr
+    if lr is None:
+        grid = [f"experiment={args.calibration_methods}"] if args.calibration_methods else []
+        grid += [f"training.lr={args.lrs}"] if args.lrs else []
+        stage(
+            "calibrate the shared learning rate (validation split)",
+            [py, "run.py", "-cd", "sweeps", "-cn", "toy_calibration", f"output_root={study}", *grid, *args.extra],
+        )
+        out = stage(
+            "choose the learning rate",
+            [
+                py,
+                "-m",
+                "analysis.study",
+                "choose-lr",
+                f"{study}/calibration",
+                "--json",
+                f"{study}/calibration.json",
+            ],
+            capture=True,
+        )
+        lr = out.strip().splitlines()[-1]
+    grid = [f"experiment={args.methods}"] if args.methods else []
+    grid += [f"seed={args.seeds}"] if args.seeds else []
+    stage(
+        f"train every method at lr {lr}",
+        [py, "run.py", "-cd", "sweeps", "-cn", "toy_study", f"output_root={study}", f"training.lr={lr}", *grid, *args.extra],
     )
+    pair = [a for a in args.extra if a.startswith("model_pair")]
+    evaluation = args.eval_args.split()
     for model in ("student", "teacher"):
-        step(f"evaluate the {model}", [py, "evaluate.py", f"model={model}", f"output_root={args.study}"])
-    step("evaluate every run", [py, "evaluate.py", f"sweep_dir={args.study}/runs"])
-    step("report", [py, "-m", "analysis.report", args.study, "--out", args.out])
+        stage(
+            f"evaluate the {model}",
+            [py, "evaluate.py", f"model={model}", f"output_root={study}", *pair, *evaluation],
+        )
+    stage("evaluate every run", [py, "evaluate.py", f"sweep_dir={study}/runs", *evaluation])
+    report = [py, "-m", "analysis.report", f"{study}/runs", f"{study}/evals", "--out", args.out]
+    if Path(ROOT / study / "calibration").is_dir() or Path(study, "calibration").is_dir():
+        report += ["--calibration", f"{study}/calibration"]
+    stage("report", report)
     print(f"\ntoy study done in {(time.time() - started) / 60:.1f} min; report: {args.out}/report.md")
     return 0
 

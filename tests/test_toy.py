@@ -8,7 +8,7 @@ import re
 import pytest
 
 from poweropd.grading import extract_boxed
-from poweropd.toy.task import ALPHABET, make_problems
+from poweropd.toy.task import ALPHABET, OPENINGS, make_problems, opening_of
 from poweropd.toy.tokenizer import build_toy_tokenizer
 
 
@@ -55,15 +55,51 @@ def test_toy_tokenizer_round_trips_and_has_a_chat_template(tmp_path):
     assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "<|endoftext|>"
 
 
+def test_student_and_teacher_corpora_open_their_answers_differently():
+    """The Base-like student's SFT answers open with a filler phrase; the teacher's almost
+    never do: where the two disagree most is how a response begins."""
+    from poweropd.toy.build import opening_share, sft_corpus
+    from poweropd.toy.spec import ToyPairSpec
+
+    spec = ToyPairSpec()
+    teacher = [response for _, response in sft_corpus(spec, "teacher", 4000)]
+    student = [response for _, response in sft_corpus(spec, "student", 4000)]
+    assert opening_share(student) > 0.85 and opening_share(teacher) < 0.08
+    assert opening_share(teacher) > 0.02  # the teacher has seen each phrase, so it can carry on after one
+    assert {opening_of(r) for r in student} == {*OPENINGS, None}
+    # Openings carry no arithmetic: stripped of it, every answer is the task's own solution.
+    rows = make_problems("train", 4000, seed=spec.seed + 2)
+    for row, response in zip(rows, student):
+        opening = opening_of(response) or ""
+        assert response[len(opening) :] == row["solution"]
+        assert extract_boxed(response) == row["answer"]
+
+
+def test_curve_points_end_at_the_stop():
+    from poweropd.toy.build import curve_points
+
+    assert curve_points(900) == [225, 450, 675, 900]
+    assert curve_points(3) == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_default_toy_pair_meets_its_accuracy_contract(tmp_path):
-    """The real default build (minutes): teacher >= 85% greedy on held-out problems,
-    student clearly weaker (10-50%). Uses the default conf/model_pair/toy.yaml spec."""
+    """The real default build (about 9 minutes): teacher >= 85% greedy on held-out problems,
+    student between 25% and 40% and still climbing along its own SFT curve, head_dim >= 32
+    for both (vLLM's CPU attention backend refuses 16). Uses conf/model_pair/toy.yaml."""
     from conftest import make_config
+    from transformers import AutoConfig
 
     from poweropd.toy.build import ensure_toy_pair
 
     spec = make_config([]).model_pair.toy
-    report = json.loads((ensure_toy_pair(spec, tmp_path) / "build.json").read_text())
+    root = ensure_toy_pair(spec, tmp_path)
+    report = json.loads((root / "build.json").read_text())
     assert report["teacher"]["greedy_accuracy"] >= 0.85, report
-    assert 0.10 <= report["student"]["greedy_accuracy"] <= 0.50, report
+    assert 0.25 <= report["student"]["greedy_accuracy"] <= 0.40, report
+    curve = [report["student"]["sft_curve"][k] for k in sorted(report["student"]["sft_curve"], key=int)]
+    assert curve[-1] > curve[0] and curve[-1] >= max(curve[:-1]) - 0.02, curve  # stopped on the way up
+    assert spec.student.sft_steps < spec.student.schedule_steps  # its schedule goes on past the stop
+    assert report["teacher"]["greedy_accuracy_after_openings"] >= 0.6, report
+    for role in ("teacher", "student"):
+        assert AutoConfig.from_pretrained(root / role).head_dim >= 32

@@ -7,7 +7,7 @@ exactly like the hub's Qwen3 checkpoints.
 
     <cache_dir>/toy-<key>/teacher/   config.json, model.safetensors, tokenizer files
     <cache_dir>/toy-<key>/student/   the same
-    <cache_dir>/toy-<key>/build.json the spec, greedy accuracies, timings
+    <cache_dir>/toy-<key>/build.json the spec, greedy accuracies, SFT curves, timings
 
 `key` hashes the whole build spec, so changing any size or step count builds a new pair,
 and the same spec and seed always give the same weights on the same machine. A file
@@ -28,17 +28,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import random
+
 import torch
 from tqdm.auto import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
-from poweropd.toy.task import TASK_VERSION, make_problems
+from poweropd.toy.task import OPENINGS, TASK_VERSION, make_problems, opening_of, with_opening
 from poweropd.toy.tokenizer import build_toy_tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the recipe changes in a way the spec does not capture
+BUILD_VERSION = 2  # bump when the recipe changes in a way the spec does not capture
 
 
 def cache_key(spec: ToyPairSpec) -> str:
@@ -84,17 +86,41 @@ def _build(spec: ToyPairSpec, out: Path) -> None:
     for role in ("teacher", "student"):
         model_spec: ToyModelSpec = getattr(spec, role)
         start = time.time()
-        model = train_sft(model_spec, spec, tokenizer, role)
-        accuracy = greedy_accuracy(model, tokenizer, eval_rows)
+        curve: dict[int, float] = {}
+        points = set(curve_points(model_spec.sft_steps))
+
+        def check(step: int, model) -> bool:
+            """Record the curve; True stops SFT (the student's stop-at-accuracy rule)."""
+            target = model_spec.stop_at_accuracy
+            if step not in points and not (target and step % model_spec.check_every == 0):
+                return False
+            curve[step] = greedy_accuracy(model, tokenizer, eval_rows)
+            return bool(target) and curve[step] >= target
+
+        model = train_sft(model_spec, spec, tokenizer, role, on_step=check)
+        stopped_at = max(curve)
+        accuracy = curve[stopped_at]
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
         report[role] = {
             "greedy_accuracy": accuracy,
+            "sft_steps": stopped_at,
+            "sft_curve": {str(k): v for k, v in sorted(curve.items())},
             "params": sum(p.numel() for p in model.parameters()),
             "build_seconds": round(time.time() - start, 1),
         }
         log.info("toy %s: greedy accuracy %.1f%% on %d held-out problems", role, 100 * accuracy, len(eval_rows))
+        if role == "teacher":
+            # Can the teacher carry on after the student's habitual openings (it rarely writes them)?
+            report[role]["greedy_accuracy_after_openings"] = greedy_accuracy(
+                model, tokenizer, eval_rows, openings=OPENINGS
+            )
     (out / "build.json").write_text(json.dumps(report, indent=2))
+
+
+def curve_points(steps: int, n: int = 4) -> list[int]:
+    """Steps at which the build records greedy accuracy: n evenly spaced, ending at `steps`."""
+    return sorted({max(1, round(steps * (i + 1) / n)) for i in range(n)})
 
 
 def qwen3_config(model_spec: ToyModelSpec, tokenizer) -> Qwen3Config:
@@ -105,7 +131,7 @@ def qwen3_config(model_spec: ToyModelSpec, tokenizer) -> Qwen3Config:
         num_hidden_layers=model_spec.layers,
         num_attention_heads=model_spec.heads,
         num_key_value_heads=model_spec.kv_heads,
-        head_dim=model_spec.hidden // model_spec.heads,
+        head_dim=model_spec.head_dim or model_spec.hidden // model_spec.heads,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         attention_dropout=0.0,
@@ -115,18 +141,33 @@ def qwen3_config(model_spec: ToyModelSpec, tokenizer) -> Qwen3Config:
     )
 
 
-def sft_batches(tokenizer, spec: ToyPairSpec, steps: int, seed_offset: int):
+def sft_corpus(spec: ToyPairSpec, role: str, n: int) -> list[tuple[str, str]]:
+    """The first `n` (problem, response) pairs of a role's SFT corpus: the train split's
+    solutions, opened in that role's style (ToyModelSpec.opening_rate / openings)."""
+    model_spec: ToyModelSpec = getattr(spec, role)
+    seed_offset = ROLE_SEED[role]
+    rows = make_problems("train", n, seed=spec.seed + seed_offset)
+    rng = random.Random(f"openings-{spec.seed}-{role}")
+    return [
+        (r["problem"], with_opening(r["solution"], rng, model_spec.opening_rate)) for r in rows
+    ]
+
+
+ROLE_SEED = {"teacher": 1, "student": 2}
+
+
+def sft_batches(tokenizer, spec: ToyPairSpec, role: str, steps: int):
     """Yield (input_ids_BS, attention_mask_BS, labels_BS) with loss on the response only.
 
     Rows are grouped by length (16 batches at a time, batch order shuffled) so that
     padding costs little: the sequences are ~100 characters of varying length."""
     from poweropd.rollout import chat_prompts  # local import: keeps toy.task torch-free
 
-    rows = make_problems("train", steps * spec.batch_size, seed=spec.seed + seed_offset)
-    prompts = chat_prompts(tokenizer, [r["problem"] for r in rows])
-    responses = tokenizer([r["solution"] for r in rows], add_special_tokens=False)["input_ids"]
+    corpus = sft_corpus(spec, role, steps * spec.batch_size)
+    prompts = chat_prompts(tokenizer, [problem for problem, _ in corpus])
+    responses = tokenizer([response for _, response in corpus], add_special_tokens=False)["input_ids"]
     examples = [(p, p + r + [tokenizer.eos_token_id]) for p, r in zip(prompts, responses)]
-    order = torch.Generator().manual_seed(spec.seed * 1000 + seed_offset)
+    order = torch.Generator().manual_seed(spec.seed * 1000 + ROLE_SEED[role])
     group = 16 * spec.batch_size
     for start in range(0, len(examples), group):
         chunk = sorted(examples[start : start + group], key=lambda e: len(e[1]))
@@ -147,12 +188,19 @@ def _collate(batch, pad_id: int):
     return ids, mask, labels
 
 
-def train_sft(model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str) -> Qwen3ForCausalLM:
-    seed_offset = {"teacher": 1, "student": 2}[role]
-    torch.manual_seed(spec.seed * 1000 + seed_offset)
+def train_sft(
+    model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str, on_step=None
+) -> Qwen3ForCausalLM:
+    """SFT along a cosine schedule of `schedule_steps`, for at most `sft_steps` updates: a
+    student stopped early in its schedule still has a learning curve ahead of it.
+    `on_step(step, model)` is called after every update in eval mode; it returns True to stop
+    there (the build's stop-at-accuracy rule)."""
+    torch.manual_seed(spec.seed * 1000 + ROLE_SEED[role])
     model = Qwen3ForCausalLM(qwen3_config(model_spec, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=model_spec.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    total, warmup = model_spec.sft_steps, min(spec.warmup_steps, model_spec.sft_steps)
+    steps = model_spec.sft_steps
+    total = max(model_spec.schedule_steps, steps)
+    warmup = min(spec.warmup_steps, total)
 
     def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < warmup:
@@ -162,8 +210,8 @@ def train_sft(model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
-    bar = tqdm(total=total, desc=f"toy {role} SFT", unit="step", leave=False)
-    for ids, mask, labels in sft_batches(tokenizer, spec, total, seed_offset):
+    bar = tqdm(total=steps, desc=f"toy {role} SFT", unit="step", leave=False)
+    for step, (ids, mask, labels) in enumerate(sft_batches(tokenizer, spec, role, steps), start=1):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,27 +220,99 @@ def train_sft(model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str)
         optimizer.zero_grad(set_to_none=True)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            model.eval()
+            stop = on_step(step, model)
+            model.train()
+            if stop:
+                break
     bar.close()
     model.eval()
     return model
 
 
-def greedy_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 128) -> float:
+def greedy_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 128, openings=()) -> float:
+    """Greedy accuracy on `rows`. With `openings`, every response is forced to begin with one
+    of them (cycled over the rows) and the model writes the rest."""
     from poweropd.grading import extract_boxed
     from poweropd.rollout import SamplingParams, chat_prompts, generate
 
     prompts = chat_prompts(tokenizer, [r["problem"] for r in rows])
-    params = SamplingParams(max_new_tokens=64, greedy=True)
+    if openings:
+        prefixes = [openings[i % len(openings)] for i in range(len(rows))]
+        prompts = [p + tokenizer(o, add_special_tokens=False)["input_ids"] for p, o in zip(prompts, prefixes)]
+    params = SamplingParams(max_new_tokens=96, greedy=True)
     correct = 0
-    for start in range(0, len(rows), batch_size):
-        rollouts = generate(
-            model,
-            prompts[start : start + batch_size],
-            params,
-            stop_ids=[tokenizer.eos_token_id],
-            pad_id=tokenizer.pad_token_id,
-        )
-        texts = tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
-        for row, text in zip(rows[start : start + batch_size], texts):
-            correct += extract_boxed(text) == row["answer"]
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            rollouts = generate(
+                model,
+                prompts[start : start + batch_size],
+                params,
+                stop_ids=[tokenizer.eos_token_id],
+                pad_id=tokenizer.pad_token_id,
+            )
+            texts = tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
+            for row, text in zip(rows[start : start + batch_size], texts):
+                correct += extract_boxed(text) == row["answer"]
     return correct / len(rows)
+
+
+def sft_curve(spec: ToyPairSpec, role: str = "student", points: list[int] | None = None) -> dict[int, float]:
+    """Greedy accuracy along a role's SFT recipe, continued to the end of its schedule:
+    shows how far the model could still go past where the build stops it."""
+    model_spec: ToyModelSpec = getattr(spec, role)
+    end = max(model_spec.schedule_steps, model_spec.sft_steps)
+    points = points or curve_points(end, 5)
+    tokenizer = build_toy_tokenizer()
+    rows = make_problems("val", spec.eval_problems, seed=spec.seed)
+    curve: dict[int, float] = {}
+    full = ToyModelSpec(**{**asdict(model_spec), "sft_steps": max(points), "stop_at_accuracy": 0.0})
+    train_sft(
+        full,
+        spec,
+        tokenizer,
+        role,
+        on_step=lambda step, m: curve.__setitem__(step, greedy_accuracy(m, tokenizer, rows)) if step in points else None,
+    )
+    return curve
+
+
+def opening_share(responses: list[str]) -> float:
+    """Share of responses that open with one of the filler phrases."""
+    return sum(opening_of(text) is not None for text in responses) / max(1, len(responses))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m poweropd.toy.build curve`: the default student's SFT curve, continued past
+    its stop to the end of its schedule (greedy accuracy on the build's held-out problems)."""
+    import argparse
+
+    from hydra import compose, initialize_config_dir
+
+    from poweropd.config import register_configs, to_config
+
+    parser = argparse.ArgumentParser(prog="python -m poweropd.toy.build", description=main.__doc__)
+    parser.add_argument("command", choices=["curve"])
+    parser.add_argument("--role", choices=["student", "teacher"], default="student")
+    parser.add_argument("--points", default=None, help="comma-separated SFT steps (default: 5 up to the schedule's end)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the pair, e.g. model_pair.toy.seed=1")
+    args = parser.parse_args(argv)
+    register_configs()
+    conf_dir = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (run from a checkout)
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        spec = to_config(compose(config_name="config", overrides=args.overrides)).model_pair.toy
+    points = [int(p) for p in args.points.split(",")] if args.points else None
+    started = time.time()
+    curve = sft_curve(spec, args.role, points)
+    for step, accuracy in sorted(curve.items()):
+        print(f"step {step:5d}: greedy accuracy {accuracy * 100:5.1f}%")
+    target = getattr(spec, args.role).stop_at_accuracy
+    if target:
+        print(f"(the build stops the {args.role} at the first check with >= {target * 100:g}%; see its build.json)")
+    print(f"({time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

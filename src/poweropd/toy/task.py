@@ -81,6 +81,27 @@ def solution_text(steps: list[str], answer: int) -> str:
     return ". ".join(steps) + f". \\boxed{{{answer}}}"
 
 
+# How a response begins: the toy analogue of a Base student's habits against an instruct
+# teacher's. The student's SFT corpus opens nearly every answer with a filler phrase; the
+# teacher's opens almost every answer straight with the first step and has seen each phrase
+# only rarely (enough to carry on correctly after one). So teacher and student disagree most
+# about how a response begins, as a Qwen3 Base student and its instruct teacher do in the
+# paper. Openings carry no arithmetic: they change neither the answer nor the grading.
+OPENINGS = ("So: ", "Let me see. ", "Working: ", "Ok, ", "Well then. ", "Right, ", "Hmm... ", "First: ")
+
+
+def with_opening(solution: str, rng: random.Random, rate: float) -> str:
+    """`solution`, opened with one of OPENINGS with probability `rate`."""
+    if rng.random() < rate:
+        return rng.choice(OPENINGS) + solution
+    return solution
+
+
+def opening_of(response: str) -> str | None:
+    """The opening phrase a response starts with (None: it starts with the first step)."""
+    return next((o for o in OPENINGS if response.startswith(o)), None)
+
+
 def iter_problems(split: str, seed: int = 0) -> Iterator[dict]:
     """Endless stream of unique problems of one split, as benchmark-style rows."""
     if split not in SPLITS:

@@ -1,0 +1,143 @@
+"""The toy study's protocol: the shared learning rate is chosen on validation numbers only,
+ordering claims carry their uncertainty, and the whole one-command study runs end to end on
+the micro pair."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
+
+from analysis.study import (
+    Group,
+    Ordering,
+    choose_lr,
+    compare,
+    lr_markdown,
+    ordering_claims,
+    paired_bootstrap,
+)
+
+
+def _frame(scores: dict[tuple[str, float], float]) -> pd.DataFrame:
+    rows = [
+        {"method": m, "reward": m.lower(), "lr": lr, "seed": 0, "final_val": v, "initial_val": 0.3}
+        for (m, lr), v in scores.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_the_shared_lr_maximises_the_mean_over_methods_not_one_method():
+    frame = _frame(
+        {
+            ("Vanilla", 1e-4): 0.40,
+            ("Vanilla", 1e-3): 0.10,
+            ("Full-vocab", 1e-4): 0.42,
+            ("Full-vocab", 1e-3): 0.60,  # the single best cell, but the mean at 1e-3 is lower
+        }
+    )
+    assert choose_lr(frame) == 1e-4
+    text = lr_markdown(frame, 1e-4)
+    assert "lr 0.0001 (chosen)" in text and "Mean (the selection rule)" in text
+
+
+def test_a_learning_rate_missing_a_method_cannot_win():
+    frame = _frame({("Vanilla", 1e-4): 0.40, ("Full-vocab", 1e-4): 0.40, ("Vanilla", 3e-3): 0.90})
+    assert choose_lr(frame) == 1e-4
+    with pytest.raises(ValueError, match="no learning rate"):
+        choose_lr(_frame({("Vanilla", 1e-4): 0.4, ("Full-vocab", 1e-3): 0.4}))
+
+
+def test_paired_bootstrap_interval_brackets_the_difference_and_is_paired():
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(500)]
+    a = pd.Series(rng.integers(0, 9, 500) / 8, index=ids)
+    same = paired_bootstrap(a, a)
+    assert same == (0.0, 0.0, 0.0)  # identical per-problem results: no difference, no spread
+    b = (a - 0.05).clip(lower=0)
+    diff, lo, hi = paired_bootstrap(a, b)
+    assert lo <= diff <= hi and lo > 0
+    assert diff == pytest.approx((a - b).mean() * 100)
+    shuffled = pd.Series(a.to_numpy()[::-1], index=ids)  # same values, unpaired
+    _, lo2, hi2 = paired_bootstrap(a, shuffled)
+    assert hi2 - lo2 > hi - lo  # pairing is what makes the interval narrow
+
+
+def _group(label, reward, per_seed_shift, final_val, n=200, seeds=(0, 1, 2)):
+    rng = np.random.default_rng(abs(hash(label)) % 2**32)
+    base = rng.integers(0, 9, n) / 8
+    ids = [f"p{i}" for i in range(n)]
+    return Group(
+        label,
+        reward,
+        None,
+        {s: pd.Series(np.clip(base * 0 + 0.3 + per_seed_shift[i], 0, 1), index=ids) for i, s in enumerate(seeds)},
+        final_val,
+    )
+
+
+def test_ordering_verdicts_say_how_sure_they_are():
+    good = _group("PowerOPD α=5", "power", [0.2, 0.2, 0.2], 0.5)
+    bad = _group("Vanilla", "vanilla", [0.0, 0.0, 0.0], 0.3)
+    mixed = _group("+ Clip", "clip", [0.3, -0.1, 0.1], 0.4)
+    assert compare("x", good, bad).verdict.startswith("holds (every seed")
+    assert compare("x", bad, good).verdict.startswith("reversed")
+    o = compare("x", mixed, bad)
+    assert o.seeds_holding == 2 and o.seeds == 3 and "holds on average" in o.verdict
+    assert Ordering("x", "a", "b", 0.1, -1.0, 1.0, 3, 3).verdict.startswith("not resolved")
+
+
+def test_the_best_power_alpha_is_chosen_by_validation_not_by_test():
+    val_best = _group("PowerOPD α=1", "power", [0.0, 0.0, 0.0], 0.9)  # best validation, worse test
+    test_best = _group("PowerOPD α=50", "power", [0.3, 0.3, 0.3], 0.1)
+    vanilla = _group("Vanilla", "vanilla", [0.1, 0.1, 0.1], 0.2)
+    claims = ordering_claims({g.label: g for g in (val_best, test_best, vanilla)})
+    (vs_vanilla,) = [c for c in claims if c.claim == "PowerOPD > Vanilla"]
+    assert vs_vanilla.a == "PowerOPD α=1" and vs_vanilla.verdict.startswith("reversed")
+
+
+def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
+    """sweeps/toy_study.py on the micro pair, shrunk to 2 x 2 calibration runs and 2 x 2 study
+    runs: calibration, the lr choice, training at that lr, evaluation, the report."""
+    study, out = tmp_path / "study", tmp_path / "report"
+    extra = [*MICRO_PAIR, *MICRO_TRAINING, "training.steps=2", "training.val_every=1", f"model_pair.cache_dir={toy_cache}"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "sweeps/toy_study.py",
+            "--study",
+            str(study),
+            "--out",
+            str(out),
+            "--calibration-methods=toy_vanilla,toy_power5",
+            "--lrs=1e-4,1e-3",
+            "--methods=toy_vanilla,toy_power5",
+            "--seeds=0,1",
+            "--eval-args=eval.n=2 eval.limit=8 eval.max_new_tokens=8",
+            "--",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    chosen = json.loads((study / "calibration.json").read_text())["chosen_lr"]
+    assert chosen in (1e-4, 1e-3)
+    runs = sorted(p for p in (study / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 4 and len([p for p in (study / "calibration").iterdir() if p.is_dir()]) == 4
+    for run in runs:
+        assert json.loads((run / "run_config.json").read_text())["training"]["lr"] == chosen
+        assert (run / "eval" / "toy" / "toy_test.samples.jsonl").is_file()
+    text = (out / "report.md").read_text()
+    assert "## Calibration" in text and "(chosen)" in text and "lr_robustness.png" in text
+    assert "## Ordering claims on the test split" in text and "PowerOPD > Vanilla" in text
+    assert (out / "figures" / "lr_robustness.png").is_file()
+    numbers = json.loads((out / "study.json").read_text())
+    assert numbers["chosen_lr"] == chosen and numbers["orderings"]
