@@ -49,10 +49,12 @@ def final_val(curves: pd.DataFrame, run_id: str, last: int = VAL_LAST) -> float 
 
 
 def calibration_frame(runset: RunSet) -> pd.DataFrame:
-    """One row per finished calibration run: method, reward name, lr, seed, final validation."""
+    """One row per calibration run that ended (finished, or stopped because the policy
+    collapsed: that is the learning rate's failure, not a missing number): method, reward
+    name, lr, seed, final validation, status."""
     rows = []
-    for _, run in runset.finished.iterrows():
-        if run.get("kind") != "run":
+    for _, run in runset.runs.iterrows():
+        if run.get("kind") != "run" or run.get("status") not in ("finished", "collapsed"):
             continue
         score = final_val(runset.curves, run["run_id"])
         if score is None:
@@ -65,9 +67,10 @@ def calibration_frame(runset: RunSet) -> pd.DataFrame:
                 "seed": run.get("seed"),
                 "final_val": score,
                 "initial_val": run.get("summary.val_accuracy_initial"),
+                "status": run.get("status"),
             }
         )
-    return pd.DataFrame(rows, columns=["method", "reward", "lr", "seed", "final_val", "initial_val"])
+    return pd.DataFrame(rows, columns=["method", "reward", "lr", "seed", "final_val", "initial_val", "status"])
 
 
 def lr_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -94,19 +97,22 @@ def lr_markdown(frame: pd.DataFrame, chosen: float | None) -> str:
     lrs = list(table.columns)
     head = "| Method | " + " | ".join(f"lr {lr:g}" + (" (chosen)" if lr == chosen else "") for lr in lrs) + " |"
     lines = [head, "|---|" + "---|" * len(lrs)]
+    collapsed = {(r.method, r.lr) for r in frame.itertuples() if r.status == "collapsed"}
     for method, row in table.iterrows():
         best = row.max()
         cells = []
         for lr in lrs:
             value = row[lr]
             text = "-" if pd.isna(value) else f"{value * 100:.1f}"
+            text += " (collapsed)" if (method, lr) in collapsed else ""
             cells.append(f"**{text}**" if method != "Mean" and value == best else text)
         name = "**Mean (the selection rule)**" if method == "Mean" else method
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     start = frame["initial_val"].dropna()
     note = (
         f"\nFinal validation accuracy in % (mean of the last {VAL_LAST} in-training validations; validation split, "
-        "one seed). Bold: each method's best learning rate."
+        "one seed). Bold: each method's best learning rate. (collapsed): the run stopped early, every rollout "
+        "of several updates in a row being empty; its score is its last validations."
     )
     if not start.empty:
         note += f" Before training: {start.mean() * 100:.1f}%."

@@ -223,6 +223,27 @@ def test_claims_are_checked_with_their_numbers(sweep):
     assert "best PowerOPD" in claims["accuracy ordering"].measured
 
 
+def test_early_positions_partly_reproduce_when_only_the_mean_disagreement_is_early():
+    """The toy's pattern: position 0 has the most negative mean log-ratio (openings), while the
+    1% most negative values are rare digit errors further on."""
+    from analysis.claims import early_positions_in_dump
+
+    rng = np.random.default_rng(0)
+    pos = np.tile(np.arange(40), 200)
+    lr = rng.normal(0.0, 0.05, pos.size)
+    lr[pos == 0] = -2.5  # every rollout's first token: systematic disagreement
+    errors = rng.choice(np.flatnonzero(pos >= 20), 100, replace=False)
+    lr[errors] = -15.0  # rare confident digit errors, late
+    claim = early_positions_in_dump("r", {"log_ratio": lr, "position": pos}, "paper")
+    assert claim.verdict == "partly reproduced" and "position 0 (-2.50" in claim.measured
+    lr[errors] = -1.0
+    lr[rng.choice(np.flatnonzero(pos < 5), 100, replace=False)] = -15.0  # extremes early: the paper's case
+    assert early_positions_in_dump("r", {"log_ratio": lr, "position": pos}, "paper").verdict == "reproduced"
+    lr[pos < 5] = 0.0
+    lr[pos == 30] = -3.0
+    assert early_positions_in_dump("r", {"log_ratio": lr, "position": pos}, "paper").verdict == "not reproduced"
+
+
 def test_wandb_runs_load_into_the_same_frames():
     class FakeRun:
         id, state = "abc", "finished"

@@ -26,8 +26,8 @@ from analysis.study import (
 
 def _frame(scores: dict[tuple[str, float], float]) -> pd.DataFrame:
     rows = [
-        {"method": m, "reward": m.lower(), "lr": lr, "seed": 0, "final_val": v, "initial_val": 0.3}
-        for (m, lr), v in scores.items()
+        {"method": m, "reward": m.lower(), "lr": lr, "seed": 0, "final_val": v, "initial_val": 0.3, "status": status}
+        for (m, lr), (v, status) in ((k, v if isinstance(v, tuple) else (v, "finished")) for k, v in scores.items())
     ]
     return pd.DataFrame(rows)
 
@@ -44,6 +44,19 @@ def test_the_shared_lr_maximises_the_mean_over_methods_not_one_method():
     assert choose_lr(frame) == 1e-4
     text = lr_markdown(frame, 1e-4)
     assert "lr 0.0001 (chosen)" in text and "Mean (the selection rule)" in text
+
+
+def test_a_collapsed_run_counts_against_its_learning_rate():
+    frame = _frame(
+        {
+            ("Vanilla", 1e-4): 0.40,
+            ("Full-vocab", 1e-4): 0.40,
+            ("Vanilla", 3e-3): (0.0, "collapsed"),
+            ("Full-vocab", 3e-3): 0.95,
+        }
+    )
+    assert choose_lr(frame) == 3e-3  # (0 + 95) / 2 > 40: the collapse is scored, not skipped
+    assert "0.0 (collapsed)" in lr_markdown(frame, 3e-3)
 
 
 def test_a_learning_rate_missing_a_method_cannot_win():
