@@ -112,9 +112,12 @@ def early_positions_in_dump(run_id: str, dump: dict, paper: str, min_count: int 
     cut_pos = max(1, int(length * 0.25))
     measured = (
         f"{run_id}: {share_extreme * 100:.1f}% of the 1% most negative log-ratios sit in the first quarter of "
-        f"positions (< {cut_pos}), which hold {share_tokens * 100:.1f}% of all tokens; the most negative "
-        f"position-wise mean is at position {worst} ({means.min():.2f}; all tokens {lr.mean():.2f})"
+        f"positions (< {cut_pos}), which hold {share_tokens * 100:.1f}% of all tokens; "
     )
+    if len(kept):
+        measured += f"the most negative position-wise mean is at position {worst} ({means.min():.2f}; all tokens {lr.mean():.2f})"
+    else:
+        measured += f"no position has {min_count} tokens for a position-wise mean"
     if share_extreme > 1.5 * share_tokens:
         verdict = "reproduced"
     elif 0 <= worst < cut_pos:

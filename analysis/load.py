@@ -87,8 +87,10 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def find_reference_dirs(root: Path) -> list[Path]:
-    """Models evaluated outside any run: `<...>/evals/<name>/eval/<suite>.json`."""
-    return sorted({p.parent.parent for p in Path(root).rglob("evals/*/eval/*.json")})
+    """Models evaluated outside any run: `<...>/evals/<name>/eval/<suite>.json` (the root may
+    be that `evals` folder itself)."""
+    found = Path(root).rglob("eval/*.json")
+    return sorted({p.parent.parent for p in found if p.parent.parent.parent.name == "evals"})
 
 
 def load_runs(roots: list[str | Path] | str | Path) -> RunSet:

@@ -174,6 +174,9 @@ def test_reference_rows_are_shown_but_not_ranked(sweep):
     table = results_table(load_runs(sweep).runs, "math7")
     assert table.rows[0]["label"] == "Teacher" and table.rows[0]["reference"]
     assert ranks(table)[("GSM8K", "avg_at_n")] == {"PowerOPD α=500": 1, "PowerOPD α=5": 2}
+    # The evals folder itself given as a root (as the toy study's report does) finds it too.
+    alone = load_runs([sweep / "evals"]).runs
+    assert list(alone["method"]) == ["Teacher"] and alone["kind"].tolist() == ["reference"]
 
 
 def test_flops_model_reproduces_the_paper():
