@@ -115,7 +115,10 @@ def early_positions_in_dump(run_id: str, dump: dict, paper: str, min_count: int 
         f"positions (< {cut_pos}), which hold {share_tokens * 100:.1f}% of all tokens; "
     )
     if len(kept):
-        measured += f"the most negative position-wise mean is at position {worst} ({means.min():.2f}; all tokens {lr.mean():.2f})"
+        measured += (
+            f"the most negative position-wise mean is at position {worst} ({means.min():.2f}; "
+            f"all tokens {lr.mean():.2f})"
+        )
     else:
         measured += f"no position has {min_count} tokens for a position-wise mean"
     if share_extreme > 1.5 * share_tokens:

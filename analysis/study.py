@@ -350,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         table = lr_table(frame)
         args.json.write_text(
             json.dumps(
-                {"chosen_lr": chosen, "final_val": {m: {f"{k:g}": v for k, v in r.items()} for m, r in table.iterrows()}},
+                {
+                    "chosen_lr": chosen,
+                    "final_val": {m: {f"{k:g}": v for k, v in r.items()} for m, r in table.iterrows()},
+                },
                 indent=2,
             )
         )

@@ -83,7 +83,18 @@ def main() -> int:
     grid += [f"seed={args.seeds}"] if args.seeds else []
     stage(
         f"train every method at lr {lr}",
-        [py, "run.py", "-cd", "sweeps", "-cn", "toy_study", f"output_root={study}", f"training.lr={lr}", *grid, *args.extra],
+        [
+            py,
+            "run.py",
+            "-cd",
+            "sweeps",
+            "-cn",
+            "toy_study",
+            f"output_root={study}",
+            f"training.lr={lr}",
+            *grid,
+            *args.extra,
+        ],
     )
     pair = [a for a in args.extra if a.startswith("model_pair")]
     evaluation = args.eval_args.split()

@@ -118,7 +118,13 @@ def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
     """sweeps/toy_study.py on the micro pair, shrunk to 2 x 2 calibration runs and 2 x 2 study
     runs: calibration, the lr choice, training at that lr, evaluation, the report."""
     study, out = tmp_path / "study", tmp_path / "report"
-    extra = [*MICRO_PAIR, *MICRO_TRAINING, "training.steps=2", "training.val_every=1", f"model_pair.cache_dir={toy_cache}"]
+    extra = [
+        *MICRO_PAIR,
+        *MICRO_TRAINING,
+        "training.steps=2",
+        "training.val_every=1",
+        f"model_pair.cache_dir={toy_cache}",
+    ]
     done = subprocess.run(
         [
             sys.executable,

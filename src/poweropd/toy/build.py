@@ -23,12 +23,11 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import random
 
 import torch
 from tqdm.auto import tqdm
@@ -87,16 +86,7 @@ def _build(spec: ToyPairSpec, out: Path) -> None:
         model_spec: ToyModelSpec = getattr(spec, role)
         start = time.time()
         curve: dict[int, float] = {}
-        points = set(curve_points(model_spec.sft_steps))
-
-        def check(step: int, model) -> bool:
-            """Record the curve; True stops SFT (the student's stop-at-accuracy rule)."""
-            target = model_spec.stop_at_accuracy
-            if step not in points and not (target and step % model_spec.check_every == 0):
-                return False
-            curve[step] = greedy_accuracy(model, tokenizer, eval_rows)
-            return bool(target) and curve[step] >= target
-
+        check = _curve_recorder(model_spec, curve, tokenizer, eval_rows)
         model = train_sft(model_spec, spec, tokenizer, role, on_step=check)
         stopped_at = max(curve)
         accuracy = curve[stopped_at]
@@ -116,6 +106,21 @@ def _build(spec: ToyPairSpec, out: Path) -> None:
                 model, tokenizer, eval_rows, openings=OPENINGS
             )
     (out / "build.json").write_text(json.dumps(report, indent=2))
+
+
+def _curve_recorder(model_spec: ToyModelSpec, curve: dict, tokenizer, eval_rows):
+    """on_step for train_sft: records greedy accuracy into `curve` at the curve points and at
+    every stop check; returns True (stop) once the stop-at-accuracy target is reached."""
+    points = set(curve_points(model_spec.sft_steps))
+    target = model_spec.stop_at_accuracy
+
+    def check(step: int, model) -> bool:
+        if step not in points and not (target and step % model_spec.check_every == 0):
+            return False
+        curve[step] = greedy_accuracy(model, tokenizer, eval_rows)
+        return bool(target) and curve[step] >= target
+
+    return check
 
 
 def curve_points(steps: int, n: int = 4) -> list[int]:
@@ -148,9 +153,7 @@ def sft_corpus(spec: ToyPairSpec, role: str, n: int) -> list[tuple[str, str]]:
     seed_offset = ROLE_SEED[role]
     rows = make_problems("train", n, seed=spec.seed + seed_offset)
     rng = random.Random(f"openings-{spec.seed}-{role}")
-    return [
-        (r["problem"], with_opening(r["solution"], rng, model_spec.opening_rate)) for r in rows
-    ]
+    return [(r["problem"], with_opening(r["solution"], rng, model_spec.opening_rate)) for r in rows]
 
 
 ROLE_SEED = {"teacher": 1, "student": 2}
@@ -188,9 +191,7 @@ def _collate(batch, pad_id: int):
     return ids, mask, labels
 
 
-def train_sft(
-    model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str, on_step=None
-) -> Qwen3ForCausalLM:
+def train_sft(model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str, on_step=None) -> Qwen3ForCausalLM:
     """SFT along a cosine schedule of `schedule_steps`, for at most `sft_steps` updates: a
     student stopped early in its schedule still has a learning curve ahead of it.
     `on_step(step, model)` is called after every update in eval mode; it returns True to stop
@@ -273,7 +274,9 @@ def sft_curve(spec: ToyPairSpec, role: str = "student", points: list[int] | None
         spec,
         tokenizer,
         role,
-        on_step=lambda step, m: curve.__setitem__(step, greedy_accuracy(m, tokenizer, rows)) if step in points else None,
+        on_step=lambda step, m: (
+            curve.__setitem__(step, greedy_accuracy(m, tokenizer, rows)) if step in points else None
+        ),
     )
     return curve
 
@@ -295,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m poweropd.toy.build", description=main.__doc__)
     parser.add_argument("command", choices=["curve"])
     parser.add_argument("--role", choices=["student", "teacher"], default="student")
-    parser.add_argument("--points", default=None, help="comma-separated SFT steps (default: 5 up to the schedule's end)")
+    parser.add_argument(
+        "--points", default=None, help="comma-separated SFT steps (default: 5 up to the schedule's end)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the pair, e.g. model_pair.toy.seed=1")
     args = parser.parse_args(argv)
     register_configs()

@@ -15,7 +15,7 @@ class ToyModelSpec:
     kv_heads: int = 1
     head_dim: int = 32  # 0: hidden // heads. vLLM's CPU attention backend needs >= 32
     intermediate: int = 192
-    sft_steps: int = 1500  # the most SFT steps ...
+    sft_steps: int = 1200  # the most SFT steps ...
     schedule_steps: int = 2500  # ... along a cosine schedule of this length (0: sft_steps)
     stop_at_accuracy: float = 0.3  # stop at the first check with this greedy accuracy (0: never)
     check_every: int = 50  # steps between those checks
@@ -41,6 +41,7 @@ class ToyPairSpec:
             intermediate=384,
             sft_steps=1500,
             schedule_steps=1500,
+            stop_at_accuracy=0.0,
             opening_rate=0.05,
         )
     )
