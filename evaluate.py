@@ -21,8 +21,10 @@ from poweropd.config import (
     EVAL_GROUPS,
     ConfigError,
     EvaluateConfig,
+    check_every_job,
     check_overrides,
     cli_overrides,
+    hydra_only_command,
     register_configs,
     to_config,
 )
@@ -49,7 +51,9 @@ def main(dictcfg) -> float | None:
 
 if __name__ == "__main__":
     try:
-        check_overrides(cli_overrides(sys.argv[1:]), CONF_DIR, EvaluateConfig, EVAL_GROUPS)
+        if not hydra_only_command(sys.argv[1:]):
+            check_overrides(cli_overrides(sys.argv[1:]), CONF_DIR, EvaluateConfig, EVAL_GROUPS)
+            check_every_job(sys.argv[1:], CONF_DIR, EvaluateConfig)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,16 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from poweropd.config import ConfigError, check_overrides, cli_overrides, register_configs, to_config
+from poweropd.config import (
+    ConfigError,
+    check_every_job,
+    check_overrides,
+    cli_overrides,
+    hydra_only_command,
+    register_configs,
+    remove_refused_run_dir,
+    to_config,
+)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 register_configs()
@@ -25,10 +34,12 @@ register_configs()
 def main(dictcfg) -> float | None:
     from poweropd.train import train  # heavy imports after the config is known to be valid
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = to_config(dictcfg)
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = train(cfg, run_dir)
     except ConfigError as exc:
+        remove_refused_run_dir(run_dir)  # a refused run leaves no directory behind
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("val_accuracy_final")
@@ -36,7 +47,9 @@ def main(dictcfg) -> float | None:
 
 if __name__ == "__main__":
     try:
-        check_overrides(cli_overrides(sys.argv[1:]), CONF_DIR)
+        if not hydra_only_command(sys.argv[1:]):  # shell completion, --help, --info go straight to Hydra
+            check_overrides(cli_overrides(sys.argv[1:]), CONF_DIR)
+            check_every_job(sys.argv[1:], CONF_DIR)  # every job's values, before any starts
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -606,24 +606,92 @@ def fig4_alpha_sweep(
     out_dir: str | Path,
     name: str = "fig4_alpha_sweep",
     baselines: Sequence[str] = (),
+    last_frac: float = 0.2,
 ) -> list[Path]:
-    """Fig 4: the Fig 3 panels across PowerOPD alpha values.
-
-    Reads the same curves as Fig 3 for the runs with `reward.name == "power"` (or a PowerOPD
-    method label); lines are coloured by log10(alpha) and the legend is sorted by alpha.
-    `baselines` adds methods by label for reference (the paper's Fig 4 shows "Vanilla" and
-    "Full-vocab" next to the sweep).
-    """
+    """Fig 4: PowerOPD across alpha. (a) validation accuracy and (b) response length against
+    step, one line per alpha coloured along a sequential colormap over log10(alpha) with a
+    colorbar (neighbouring alphas stay tellable apart); (c) final accuracy and (d) final
+    length against alpha (mean of the last `last_frac` of each run's points, mean +- std over
+    seeds). `baselines` (labels) are drawn in grey for reference, as horizontal lines in (c)
+    and (d)."""
     if runs is None or runs.empty or "method" not in runs:
         return []
     if "reward.name" in runs:
-        power = runs["reward.name"].astype(str) == "power"
+        power_mask = runs["reward.name"].astype(str) == "power"
     else:
-        power = runs["method"].astype(str).str.startswith(POWER_PREFIX)
-    extra = _select(runs, baselines) if baselines else runs.iloc[0:0]
-    if not power.any():
+        power_mask = runs["method"].astype(str).str.startswith(POWER_PREFIX)
+    power = _curve_runs(runs[power_mask])
+    if power.empty or not (
+        group_curves(power, curves, "val/accuracy") or group_curves(power, curves, "response_length")
+    ):
         return []
-    return _accuracy_length(pd.concat([runs[power], extra]).drop_duplicates("run_id"), curves, out_dir, name)
+    alpha_of = {}
+    for _, row in power.iterrows():
+        alpha = row.get("reward.alpha")
+        if alpha is None or pd.isna(alpha):
+            alpha = float(str(row["method"]).split("α=")[1])
+        alpha_of[row["run_id"]] = float(alpha)
+    alphas = sorted(set(alpha_of.values()))
+    lo, hi = np.log10(min(alphas)), np.log10(max(alphas))
+    norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
+    cmap = matplotlib.colormaps["viridis"]
+    extra = _curve_runs(_select(runs, baselines) if baselines else runs.iloc[0:0])
+    length_metric = "val/response_length"
+    if not group_curves(power, curves, length_metric):
+        length_metric = "response_length"
+    with plt.rc_context(PAPER_RC):
+        fig, axes = plt.subplots(1, 4, figsize=(PAGE_WIDTH, 2.3), layout="constrained")
+        finals: dict[str, dict[float, list[float]]] = {"val/accuracy": {}, length_metric: {}}
+        for ax, metric, scale in ((axes[0], "val/accuracy", 100.0), (axes[1], length_metric, 1.0)):
+            for g in group_curves(power, curves, metric):
+                ids = power[power["legend"] == g.label]["run_id"]
+                alpha = next((alpha_of[i] for i in ids if i in alpha_of), None)
+                if alpha is None:
+                    continue
+                ax.plot(g.frame.index, g.frame["mean"] * scale, color=cmap(norm(np.log10(alpha))), lw=1.0)
+            for g in group_curves(extra, curves, metric):
+                ax.plot(g.frame.index, g.frame["mean"] * scale, color="0.55", ls="--", lw=0.9)
+                ax.annotate(g.label, (g.frame.index[-1], g.frame["mean"].iloc[-1] * scale), fontsize=5, color="0.4")
+            for run_id, alpha in alpha_of.items():
+                part = curves[(curves["run_id"] == run_id) & (curves["metric"] == metric)].sort_values("step")
+                part = part[part["step"] > 0]
+                if not part.empty:
+                    k = max(1, int(round(len(part) * last_frac)))
+                    finals[metric].setdefault(alpha, []).append(float(part["value"].iloc[-k:].mean()) * scale)
+            ax.set_xlabel("training step")
+            ax.grid(True)
+        axes[0].set_title("(a) validation accuracy (%)", loc="left")
+        axes[1].set_title("(b) response length", loc="left")
+        for ax, metric, title in (
+            (axes[2], "val/accuracy", "(c) final accuracy (%)"),
+            (axes[3], length_metric, "(d) final length"),
+        ):
+            points = sorted(finals[metric].items())
+            if points:
+                xs = [a for a, _ in points]
+                means = [np.mean(v) for _, v in points]
+                stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points]
+                ax.errorbar(xs, means, yerr=stds, color="0.2", lw=0.9, capsize=2)
+                ax.scatter(xs, means, c=[cmap(norm(np.log10(a))) for a in xs], zorder=3, s=14)
+            scale = 100.0 if metric == "val/accuracy" else 1.0
+            for _, row in extra.drop_duplicates("legend").iterrows():
+                ids = extra[extra["legend"] == row["legend"]]["run_id"]
+                vals = []
+                for run_id in ids:
+                    part = curves[(curves["run_id"] == run_id) & (curves["metric"] == metric)].sort_values("step")
+                    part = part[part["step"] > 0]
+                    if not part.empty:
+                        k = max(1, int(round(len(part) * last_frac)))
+                        vals.append(float(part["value"].iloc[-k:].mean()) * scale)
+                if vals:
+                    ax.axhline(np.mean(vals), color="0.55", ls="--", lw=0.9)
+            ax.set_xscale("log")
+            ax.set_xlabel("α")
+            ax.set_title(title, loc="left")
+            ax.grid(True)
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2], shrink=0.9, pad=0.01)
+        bar.set_label("log10 α")
+        return save_figure(fig, out_dir, name)
 
 
 def fig6_grad_norm(

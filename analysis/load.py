@@ -76,11 +76,13 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Every directory under `root` (or `root` itself) that holds a saved Hydra config."""
+    """Every directory under `root` (or `root` itself) that holds a saved Hydra config and
+    something of a run (a launch refused before training leaves only Hydra's own files, and
+    is not a run)."""
     found = []
-    for here, dirs, _ in os.walk(root):
+    for here, dirs, files in os.walk(root):
         path = Path(here)
-        if (path / ".hydra" / "config.yaml").is_file():
+        if (path / ".hydra" / "config.yaml").is_file() and (set(files) | set(dirs)) - {".hydra", "run.log"}:
             found.append(path)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
     return found

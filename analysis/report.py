@@ -96,7 +96,11 @@ def build_report(
             "Mean over seeds (band: spread over seeds).",
             figures.fig3_accuracy_length(finished, curves, fig_dir),
         ),
-        ("Fig 4: across α", "PowerOPD runs only, coloured by α.", figures.fig4_alpha_sweep(finished, curves, fig_dir)),
+        (
+            "Fig 4: across α",
+            "PowerOPD runs coloured along log10 α; (c), (d): final values against α, mean ± std over seeds.",
+            figures.fig4_alpha_sweep(finished, curves, fig_dir, baselines=("Vanilla", "Full-vocab")),
+        ),
         (
             "Fig 5: reward magnitude over (π_T, π_θ)",
             "Analytic (`python -m analysis.heatmaps`).",
@@ -150,12 +154,35 @@ def build_report(
     md.append("## The paper's claims, checked against these runs\n")
     md.append(claims_mod.claims_markdown(claims_mod.check_claims(RunSet(finished, curves))))
 
+    md.append("## Data\n")
+    md.append(
+        "Every run (one row, config keys + summary + evaluation columns) and every logged metric (long: "
+        "run_id, step, metric, value), for your own analysis: "
+        + ", ".join(f"`{p.name}`" for p in export_tables(runset, out))
+        + ".\n"
+    )
     if runset.problems:
         md.append("## Load problems\n")
         md.append("\n".join(f"- {p}" for p in runset.problems) + "\n")
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def export_tables(runset: RunSet, out: Path) -> list[Path]:
+    """runs.csv / runs.parquet and metrics.csv / metrics.parquet next to report.md."""
+    runs = runset.runs.copy()
+    for column in runs.columns:  # Parquet wants one type per column: mixed ones become text
+        if runs[column].dtype == object:
+            kinds = {type(v) for v in runs[column].dropna()}
+            if len(kinds) > 1 or (kinds and not kinds <= {str}):
+                runs[column] = runs[column].map(lambda v: None if v is None or v != v else str(v))
+    written = []
+    for name, frame in (("runs", runs), ("metrics", runset.curves)):
+        frame.to_csv(out / f"{name}.csv", index=False)
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+        written += [out / f"{name}.csv", out / f"{name}.parquet"]
+    return written
 
 
 def _runs_section(runset: RunSet) -> str:

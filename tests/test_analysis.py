@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
@@ -332,3 +333,10 @@ def test_report_on_a_real_micro_toy_sweep(tmp_path, toy_cache):
     text = (sweep / "report" / "report.md").read_text()
     assert "| Vanilla |" in text and "PowerOPD α=5" in text and "Toy test Avg" in text
     assert "figures/fig2a" in text and "figures/fig6" in text
+    # The tables people reuse: one row per run, one row per (run, step, metric), CSV and Parquet.
+    out = sweep / "report"
+    runs_csv, runs_pq = pd.read_csv(out / "runs.csv"), pd.read_parquet(out / "runs.parquet")
+    assert len(runs_csv) == len(runs_pq) == 2 and set(runs_pq["reward.name"]) == {"vanilla", "power"}
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert list(metrics.columns) == ["run_id", "step", "metric", "value"]
+    assert len(metrics) == len(pd.read_csv(out / "metrics.csv")) and "grad_norm" in set(metrics["metric"])

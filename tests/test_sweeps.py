@@ -138,3 +138,49 @@ def test_the_toy_study_covers_every_table_row_with_three_seeds(monkeypatch):
     assert params["seed"] == "0,1,2"
     assert yaml.safe_load((ROOT / "conf" / "hydra" / "launcher" / "cpu_parallel.yaml").read_text())["n_jobs"] == 2
     assert json.dumps(dict(cfg.hydra.launcher)).count("Joblib") == 1
+
+
+def test_the_slurm_launcher_requeues_and_claims_no_unmeasured_time(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = compose_from(CONF_DIR, "config", ["hydra/launcher=slurm_gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # a timed-out job comes back
+    assert "fit in a day" not in (CONF_DIR / "hydra" / "launcher" / "slurm_gpu.yaml").read_text()
+
+
+def test_a_requeued_sweep_job_resumes_from_its_last_checkpoint(tmp_path, toy_cache):
+    """What a SLURM requeue does: the job is killed (time limit), then the same job (same
+    overrides, same sweep directory) is started again; it must resume, not restart."""
+    import os
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        *MICRO_PAIR,
+        *MICRO_TRAINING,
+        "training.steps=40",
+        "training.save_every=2",
+        "training.val_every=0",
+        f"model_pair.cache_dir={toy_cache}",
+        "reward=power",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = sweep / "0_toy_power5_seed0" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the time limit: no chance to clean up
+    proc.wait()
+    assert latest.exists(), "the job never wrote a checkpoint"
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = sweep / "0_toy_power5_seed0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumed_from_step"] >= 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(41))

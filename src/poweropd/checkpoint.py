@@ -7,9 +7,11 @@
         trainer_state.json                                step, data position, run facts
     checkpoints/latest                                    "step_000050"
 
-A checkpoint is written into a temporary folder and renamed into place, and `latest` is
-replaced atomically afterwards, so a kill at any moment leaves either the previous
-complete checkpoint or the new one, never half of one.
+A checkpoint is written into a temporary folder, verified (every file there, the saved
+weights readable and finite), renamed into place, and only then does `latest` move to it and
+do older checkpoints get pruned: a kill or a failure at any moment leaves either the previous
+complete checkpoint or the new one, never half of one, and never removes the last good one.
+Non-finite weights are never written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-from poweropd.tracking import CHECKPOINTS
+import torch
+
+from poweropd.tracking import CHECKPOINTS, write_text_atomic
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -37,6 +41,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / TRAINER_STATE).exists() else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or did not verify; the previous one is kept."""
+
+
+def weights_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def verify_checkpoint(path: Path, lm) -> None:
+    """Raise CheckpointError unless `path` holds a complete, readable, finite checkpoint."""
+    from safetensors import safe_open
+
+    for name in (TRAINER_STATE, "config.json", "model.safetensors"):
+        if not (path / name).is_file() or (path / name).stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} lacks {name}")
+    if not (path / "state").is_dir() or not any((path / "state").iterdir()):
+        raise CheckpointError(f"checkpoint {path} lacks its optimizer/RNG state")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as saved:
+        keys = set(saved.keys())
+        expected = {k for k in lm.state_dict() if k != "lm_head.weight" or not lm.config.tie_word_embeddings}
+        if not expected <= keys | {"lm_head.weight"}:
+            raise CheckpointError(f"checkpoint {path} misses weights: {sorted(expected - keys)[:3]}")
+        for key in keys:
+            if not bool(torch.isfinite(saved.get_tensor(key)).all()):
+                raise CheckpointError(f"checkpoint {path} holds non-finite values in {key}")
+
+
 def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, trainer_state: dict, keep: int) -> Path:
     root = run_dir / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -50,11 +81,10 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
         accelerator.unwrap_model(lm).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        verify_checkpoint(tmp, accelerator.unwrap_model(lm))  # before anything older is touched
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer_tmp = root / f".{LATEST}.tmp"
-        pointer_tmp.write_text(final.name)
-        os.replace(pointer_tmp, root / LATEST)
+        write_text_atomic(root / LATEST, final.name)
         _prune(root, keep, final.name)
     accelerator.wait_for_everyone()
     return final

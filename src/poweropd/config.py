@@ -185,6 +185,9 @@ class TrainingConfig:
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", 50)
     cpu_threads: int = _help("torch CPU threads per run (0 = torch's default; 1 for parallel CPU sweeps)", 0)
     keep_checkpoints: int = _help("how many step checkpoints to keep", 1)
+    max_skipped_updates: int = _help(
+        "stop the run after this many updates in a row were skipped for a non-finite loss or gradient", 3
+    )
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "rollouts_per_prompt", "lr", "max_new_tokens", "logprob_chunk_size"):
@@ -208,6 +211,7 @@ class TrainingConfig:
         _positive("training.temperature", self.temperature)
         _positive("training.val_temperature", self.val_temperature, strict=False)
         _positive("training.keep_checkpoints", self.keep_checkpoints)
+        _positive("training.max_skipped_updates", self.max_skipped_updates)
         for key in ("top_p", "val_top_p"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"training.{key} must be in (0, 1] (got {getattr(self, key)})")
@@ -419,8 +423,11 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
 
 def check_overrides(overrides: list[str], conf_dir: Path, root: Any = None, groups: tuple = GROUPS) -> None:
     """Check command-line overrides against the schema (`root`, default the training
-    Config) and its conf/ groups. Raises ConfigError."""
+    Config) and its conf/ groups. Raises ConfigError. Sweep functions are understood:
+    choice() and range() are checked value by value, glob() against the group's options,
+    interval() (an optimizer's continuous range) by its bounds."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob, IntervalSweep
     from hydra.errors import HydraException
 
     try:
@@ -431,9 +438,21 @@ def check_overrides(overrides: list[str], conf_dir: Path, root: Any = None, grou
         key = override.key_or_group
         if key.startswith("hydra") or override.is_delete():
             continue
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        if key in groups:
-            options = group_options(conf_dir, key)
+        raw = override.value()
+        options = group_options(conf_dir, key) if key in groups else None
+        if isinstance(raw, Glob):
+            values = raw.filter(options) if options is not None else []
+            if options is not None and not values:
+                raise ConfigError(
+                    f"{key}={override.input_line.split('=', 1)[1]} matches no option; valid: {', '.join(options)}"
+                )
+        elif isinstance(raw, IntervalSweep):
+            values = [raw.start, raw.end]
+        elif override.is_sweep_override():
+            values = list(override.sweep_iterator())
+        else:
+            values = [raw]
+        if options is not None:
             for value in values:
                 if value is not None and str(value) not in options:
                     raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(options)}")
@@ -441,6 +460,98 @@ def check_overrides(overrides: list[str], conf_dir: Path, root: Any = None, grou
         _, hint = _resolve_key(key, root)
         for value in values:
             _check_type(key, value, hint)
+
+
+def check_every_job(argv: list[str], conf_dir: Path, schema: type = None) -> int:
+    """Compose and validate the config of every job a command line would run (one, or every
+    combination of a multirun, the sweep file's own params included), before any job starts
+    or any directory is made. Returns the number of jobs; raises ConfigError naming the first
+    bad job. Sweeps an enumerating sweeper cannot expand (interval()) are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = schema or Config
+    register_configs()
+    args, _ = get_args_parser().parse_known_args(argv)
+    config_dir = Path(args.config_dir).resolve() if args.config_dir else Path(conf_dir)
+    config_name = args.config_name or ("evaluate" if schema is not Config else "config")
+    overrides = list(args.overrides or [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            base = compose(
+                config_name=config_name, overrides=[o for o in overrides if not _is_sweep(o)], return_hydra_config=True
+            )
+            multirun = (
+                args.multirun
+                or OmegaConf.select(base, "hydra.mode", default=None) is not None
+                and str(OmegaConf.select(base, "hydra.mode")).endswith("MULTIRUN")
+            )
+            found = OmegaConf.select(base, "hydra.sweeper.params", default=None) if multirun else None
+            params = OmegaConf.to_container(found) if found is not None else {}
+            lines = [f"{k}={v}" for k, v in params.items()] + overrides
+            loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir)))
+            parsed = OverridesParser.create(config_loader=loader).parse_overrides(lines)
+            if any(_is_interval(o) for o in parsed):
+                return 0
+            jobs = (
+                [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+                if multirun
+                else [overrides]
+            )
+            for number, job in enumerate(jobs):
+                try:
+                    to_config(compose(config_name=config_name, overrides=job), schema)
+                except ConfigError as exc:
+                    where = f"job {number} ({' '.join(job)}): " if multirun else ""
+                    raise ConfigError(f"{where}{exc}" + (" (no job was started)" if multirun else "")) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return len(jobs)
+
+
+HYDRA_ONLY_FLAGS = ("-sc", "--shell-completion", "-h", "--help", "-i", "--info", "--hydra-help")
+
+
+def hydra_only_command(argv: list[str]) -> bool:
+    """Commands Hydra answers itself (shell completion and its query, help, info): no job runs,
+    so nothing is pre-checked (a half-typed override must still complete)."""
+    return any(a in HYDRA_ONLY_FLAGS or a.startswith(("--shell-completion=", "--info=")) for a in argv)
+
+
+# Files Hydra writes into a run directory before our code runs.
+HYDRA_OWN = {".hydra", "run.log"}
+
+
+def remove_refused_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote for a refused launch
+    (never one with a run's own files in it, e.g. a resumed run refused for a changed config)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _is_sweep(line: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(line).is_sweep_override()
+
+
+def _is_interval(override) -> bool:
+    from hydra.core.override_parser.types import IntervalSweep
+
+    return isinstance(override.value(), IntervalSweep)
 
 
 def cli_overrides(argv: list[str]) -> list[str]:

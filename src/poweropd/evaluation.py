@@ -40,7 +40,7 @@ from poweropd.config import ConfigError, EvalConfig, EvaluateConfig, ModelPairCo
 from poweropd.grading import Grade, Grader
 from poweropd.rollout import SamplingParams, chat_prompts
 from poweropd.toy.spec import ToyPairSpec
-from poweropd.tracking import FINAL_MODEL, RUN_CONFIG, write_json_atomic
+from poweropd.tracking import FINAL_MODEL, RUN_CONFIG, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -434,11 +434,7 @@ def _read_finished(folder: Path, bench: Benchmark) -> dict:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def format_table(summary: dict) -> str:

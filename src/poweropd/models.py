@@ -53,6 +53,9 @@ def check_pair(teacher_path: str, student_path: str, cfg: ModelPairConfig):
     """Refuse pairs whose teacher cannot score the student's token ids. Returns the
     student's tokenizer. Reads configs and tokenizers only, no weights."""
     kwargs = _hub_kwargs(cfg)
+    for role, path in (("teacher", teacher_path), ("student", student_path)):
+        if looks_local(path) and not local_path_exists(path):
+            raise ConfigError(f"no model at {path} (model_pair.{role}); give an existing folder or a hub id")
     try:
         tok_s = AutoTokenizer.from_pretrained(student_path, **kwargs)
         tok_t = AutoTokenizer.from_pretrained(teacher_path, **kwargs)
@@ -213,6 +216,12 @@ def teacher_score(
         return None, hidden_ND
     targets_N = input_ids_BS[:, prompt_len:][mask_BT]
     return sampled_logprobs(hidden_ND, teacher.get_output_embeddings().weight, targets_N, chunk), None
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name"): absolute, ~, ./ or ../, or
+    Windows-style."""
+    return str(path).startswith(("/", "~", "./", "../", ".\\")) or str(path) in (".", "..") or ":\\" in str(path)
 
 
 def local_path_exists(path: str) -> bool:

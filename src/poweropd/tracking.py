@@ -18,11 +18,13 @@ The local files are the source of truth; W&B (logger=wandb) only mirrors metrics
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,23 @@ CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "student"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file of a unique name in the same folder,
+    so that two processes writing the same file never trip over each other's temporary."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable))
 
 
 def _jsonable(value):
@@ -105,9 +120,7 @@ class JsonlWriter:
             with self.path.with_suffix(".discarded").open("a", encoding="utf-8") as handle:
                 for row in dropped:
                     handle.write(json.dumps(row) + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         return len(dropped) + len(bad)
 
     def close(self) -> None:

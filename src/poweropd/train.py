@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_finite
 from poweropd.config import Config, ConfigError
 from poweropd.data import PromptSampler, train_rows, val_rows
 from poweropd.grading import Grader
@@ -59,6 +59,7 @@ from poweropd.tracking import (
 log = logging.getLogger(__name__)
 
 MAX_EMPTY_BATCHES = 5  # consecutive batches without a single valid token: the policy collapsed
+NONFINITE_REASONS = ("nonfinite_loss", "nonfinite_grad_norm")
 
 
 @dataclass
@@ -101,11 +102,10 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     tc, rc = cfg.training, cfg.reward
     clock = clock or StepClock(acc.device)
     mask_BT = rollouts.loss_mask_BT(rc.stop_token)
-    n_global = int(acc.reduce(mask_BT.sum(), "sum").item())
-    if n_global == 0:  # e.g. every rollout is a bare stop token: nothing to learn from
+    if int(acc.reduce(mask_BT.sum(), "sum").item()) == 0:  # e.g. every rollout is a bare stop token
         run.optimizer.zero_grad(set_to_none=True)
-        return {"skipped": 1, "n_tokens": 0, **rollout_metrics(acc, rollouts), **clock.metrics()}, {}
-    weights_BT = loss_weights(acc, mask_BT, rc.loss_agg)
+        metrics = {"skipped": 1, "skip_reason": "empty", "n_tokens": 0}
+        return {**metrics, **rollout_metrics(acc, rollouts), **clock.metrics()}, {}
     micro = micro_batches(rollouts.input_ids_BS.shape[0], tc.micro_batch_size)
 
     # 2. The teacher scores the very same token ids (no grad).
@@ -119,6 +119,15 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
         for rows_ in micro
     ]
     clock.lap("teacher")
+    # A non-finite teacher value (a bf16 teacher giving a sampled token probability 0, a NaN
+    # activation) says nothing about the student: those tokens leave this update (N included).
+    mask_BT, teacher_out, n_bad_teacher = drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out)
+    n_global = int(acc.reduce(mask_BT.sum(), "sum").item())
+    if n_global == 0:
+        run.optimizer.zero_grad(set_to_none=True)
+        metrics = {"skipped": 1, "skip_reason": "empty", "n_tokens": 0, "nonfinite/teacher_tokens": n_bad_teacher}
+        return {**metrics, **rollout_metrics(acc, rollouts), **clock.metrics()}, {}
+    weights_BT = loss_weights(acc, mask_BT, rc.loss_agg)
 
     # z-score needs the whole batch's moments before the first backward; with several
     # micro-batches that takes one extra no-grad student pass.
@@ -160,23 +169,40 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
         tokens["pos"].append(torch.nonzero(m_BT)[:, 1])
     clock.lap("student")
 
-    # 4. Clip (logging the norm before clipping) and step.
+    # 4. Clip (logging the norm before clipping) and step, unless something is non-finite: a
+    # non-finite student log-prob comes from the student's own forward, and its backward has
+    # already carried it into the gradients, so the whole update is dropped, never stepped.
     grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm)
-    run.optimizer.step()
+    loss_total = acc.reduce(loss_sum, "sum") / acc.num_processes
+    skip_reason = None
+    if not torch.isfinite(loss_total):
+        skip_reason = "nonfinite_loss"
+    elif not torch.isfinite(torch.as_tensor(grad_norm)):
+        skip_reason = "nonfinite_grad_norm"
+    if skip_reason is None:
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     clock.lap("optimizer")
 
-    # 5. Statistics, from tensors already in hand (no extra model pass).
+    # 5. Statistics, from tensors already in hand (no extra model pass); non-finite values are
+    # counted, not averaged.
     flat = {k: torch.cat(v) for k, v in tokens.items() if v}
     flat["log_ratio"] = flat["lT"] - flat["lS"]
     gathered = {k: gather_tokens(acc, v) for k, v in flat.items()}
+    n_bad_student = int((~torch.isfinite(gathered["lS"])).sum().item())
+    gathered = finite_tokens(gathered)
     metrics = {
-        "loss": (acc.reduce(loss_sum, "sum") / acc.num_processes).item(),
+        "loss": loss_total.item(),
         "grad_norm": float(grad_norm),
         "n_tokens": n_global,
         **rollout_metrics(acc, rollouts),
         **summarize("log_ratio", gathered["log_ratio"]),
     }
+    if n_bad_teacher or n_bad_student:
+        metrics["nonfinite/teacher_tokens"] = n_bad_teacher
+        metrics["nonfinite/student_tokens"] = n_bad_student
+    if skip_reason is not None:
+        metrics.update(skipped=1, skip_reason=skip_reason)
     if "reward" in gathered:
         metrics.update(summarize("reward", gathered["reward"]))
     if "kl" in gathered:
@@ -184,6 +210,35 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
     return metrics, gathered
+
+
+def drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out):
+    """Take tokens whose teacher log-prob (or, for full-vocab, teacher hidden state) is not
+    finite out of the loss mask and out of the teacher outputs. Returns (mask_BT,
+    teacher_out, tokens dropped on this process)."""
+    mask_BT = mask_BT.clone()
+    kept, dropped = [], 0
+    for rows_, (lT_N, hT_ND) in zip(micro, teacher_out):
+        ok_N = torch.isfinite(lT_N) if lT_N is not None else torch.isfinite(hT_ND).all(-1)
+        if bool(ok_N.all()):
+            kept.append((lT_N, hT_ND))
+            continue
+        dropped += int((~ok_N).sum())
+        sub_BT = mask_BT[rows_]  # a view: the row-major order of its True entries is the order of N
+        sub_BT[sub_BT.clone()] = ok_N
+        kept.append((lT_N[ok_N] if lT_N is not None else None, hT_ND[ok_N] if hT_ND is not None else None))
+    return mask_BT, kept, dropped
+
+
+def finite_tokens(tokens: dict) -> dict:
+    """The per-token tensors restricted to tokens whose values are all finite."""
+    ok = torch.ones_like(tokens["lS"], dtype=torch.bool)
+    for key in ("lT", "lS", "reward", "kl", "log_ratio"):
+        if key in tokens:
+            ok &= torch.isfinite(tokens[key])
+    if bool(ok.all()):
+        return tokens
+    return {k: v[ok] for k, v in tokens.items()}
 
 
 def raw_rewards(rc, lT_N: torch.Tensor, lS_N: torch.Tensor) -> torch.Tensor:
@@ -405,10 +460,20 @@ def train(cfg: Config, run_dir: Path) -> dict:
     acc = make_accelerator(cfg)
     run_dir = shared_run_dir(acc, run_dir)
     if (run_dir / SUMMARY).exists():
-        log.info("%s already holds a finished run (summary.json); nothing to do", run_dir)
-        return json.loads((run_dir / SUMMARY).read_text())
-    if latest_checkpoint(run_dir) is not None:  # before any model is loaded
-        check_resume_config(cfg, run_dir, acc.is_main_process)
+        previous = json.loads((run_dir / SUMMARY).read_text())
+        if previous.get("status") == "finished" or latest_checkpoint(run_dir) is None:
+            if acc.is_main_process:
+                restore_first_launch(run_dir)  # Hydra rewrote .hydra/ for this launch: undo it
+            log.info("%s already holds an ended run (summary.json); nothing to do", run_dir)
+            return previous
+        # A run that stopped early (non-finite updates, collapse) resumes from its last good
+        # checkpoint; its old summary is kept beside the new one.
+        if acc.is_main_process:
+            (run_dir / SUMMARY).rename(run_dir / f"summary.{previous.get('status')}.step{previous.get('steps')}.json")
+        acc.wait_for_everyone()
+    # From the moment a run's config is recorded, a different one is refused (before any
+    # model is loaded, and before anything of the old run is moved away).
+    check_resume_config(cfg, run_dir, acc.is_main_process)
     run = setup_run(cfg, run_dir, acc)
     try:
         return _loop(run, wall_start)
@@ -494,7 +559,7 @@ def _loop(run: Run, wall_start: float) -> dict:
 
     global_prompts = tc.batch_size // tc.rollouts_per_prompt
     share = global_prompts // acc.num_processes
-    empty_streak, status, step = 0, "finished", start_step
+    empty_streak, nonfinite_streak, status, step = 0, 0, "finished", start_step
     bar = tqdm(
         total=tc.steps,
         initial=start_step,
@@ -514,16 +579,25 @@ def _loop(run: Run, wall_start: float) -> dict:
         if run.val and ((tc.val_every and step % tc.val_every == 0) or step == tc.steps):
             metrics.update(validate(run, step))
         tracker.log(step, metrics)
-        if tokens and tc.position_stats_every and step % tc.position_stats_every == 0:
+        if tokens and tokens["pos"].numel() and tc.position_stats_every and step % tc.position_stats_every == 0:
             tracker.log_positions(step, position_stats(tokens))
-        empty_streak = empty_streak + 1 if metrics.get("skipped") else 0
+        reason = metrics.get("skip_reason")
+        empty_streak = empty_streak + 1 if reason == "empty" else 0
+        nonfinite_streak = nonfinite_streak + 1 if reason in NONFINITE_REASONS else 0
         bar.update()
         bar.set_postfix(_postfix(metrics), refresh=False)
         if empty_streak >= MAX_EMPTY_BATCHES:
             status = "collapsed"
             log.warning("%d batches in a row had no valid completion token; stopping at step %d", empty_streak, step)
             break
+        if nonfinite_streak >= tc.max_skipped_updates:
+            status = "nonfinite"
+            break
         if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
+            if not weights_finite(run.student):  # never checkpoint them (the skip guard should make this unreachable)
+                status = "nonfinite"
+                log.error("the student's weights are not finite at step %d; not checkpointing them", step)
+                break
             save_checkpoint(
                 run.run_dir,
                 step,
@@ -536,11 +610,21 @@ def _loop(run: Run, wall_start: float) -> dict:
     bar.close()
 
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    finite = weights_finite(run.student)
+    if acc.is_main_process and finite:
         run.student.save_pretrained(run.run_dir / FINAL_MODEL, safe_serialization=True)
         run.pair.tokenizer.save_pretrained(run.run_dir / FINAL_MODEL)
     summary = build_summary(run, status, step, resumed_from, wall_start)
+    summary["final_student_saved"] = finite
     tracker.finish(summary)
+    if status == "nonfinite":
+        log.error(
+            "stopped at step %d: %d updates in a row had a non-finite loss or gradient and were skipped (weights "
+            "untouched%s); see skip_reason in metrics.jsonl, resume with the same command",
+            step,
+            nonfinite_streak,
+            ", final student saved" if finite else "",
+        )
     return summary
 
 
@@ -570,16 +654,23 @@ def check_resume_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
     ]
     if not changed:
         return
-    first = run_dir / ".hydra" / "first_launch"
-    if is_main and first.is_dir():  # undo Hydra's rewrite of .hydra/
-        for saved in first.glob("*.yaml"):
-            shutil.copy2(saved, run_dir / ".hydra" / saved.name)
+    if is_main:
+        restore_first_launch(run_dir)  # undo Hydra's rewrite of .hydra/
     diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
     more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
     raise ConfigError(
         f"{run_dir} holds a run with a different config ({diffs}{more}); resume it with its original "
         "overrides, or choose a new hydra.run.dir"
     )
+
+
+def restore_first_launch(run_dir: Path) -> None:
+    """Put back the .hydra/ files of the launch that started the run (Hydra rewrites them on
+    every launch, including ones that are refused or find the run finished)."""
+    first = run_dir / ".hydra" / "first_launch"
+    if first.is_dir():
+        for saved in first.glob("*.yaml"):
+            shutil.copy2(saved, run_dir / ".hydra" / saved.name)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -624,7 +715,8 @@ def build_summary(run: Run, status: str, last_step: int, resumed_from, wall_star
         "median_step_time": statistics.median(times) if times else None,
         "median_tokens_per_s": statistics.median(tps) if tps else None,
         "peak_mem_gb": max(mems) if mems else None,
-        "empty_batches": sum(1 for r in steps if r.get("skipped")),
+        "empty_batches": sum(1 for r in steps if r.get("skip_reason", "empty") == "empty" and r.get("skipped")),
+        "skipped_updates": sum(1 for r in steps if r.get("skip_reason") in NONFINITE_REASONS),
         "metrics_lines": len(rows),
         "unreadable_metrics_lines": bad,
         "resumed_from_step": resumed_from,

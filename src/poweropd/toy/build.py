@@ -56,7 +56,16 @@ def ensure_toy_pair(spec: ToyPairSpec, cache_dir: str | os.PathLike) -> Path:
     target = pair_dir(spec, cache_dir)
     if (target / "build.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        open(target.with_suffix(".lock"), "a").close()
+    except OSError as exc:
+        from poweropd.config import ConfigError
+
+        raise ConfigError(
+            f"cannot write the toy pair's cache folder {target.parent} ({exc.strerror}); set model_pair.cache_dir "
+            "(or POWEROPD_CACHE) to a writable folder"
+        ) from None
     with _locked(target.with_suffix(".lock")):
         if (target / "build.json").exists():  # another process built it while we waited
             return target
