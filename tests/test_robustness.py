@@ -173,3 +173,15 @@ def test_two_writers_of_one_file_never_collide(tmp_path):
     assert not errors
     assert json.loads(path.read_text())["i"] == 199
     assert [p.name for p in Path(tmp_path).iterdir()] == ["toy.json"]  # no temporary left over
+
+
+def test_evaluate_py_gets_the_same_pre_check(tmp_path):
+    def evaluate_py(*args):
+        return subprocess.run(
+            [sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+
+    done = evaluate_py("-m", "model=teacher", "eval.n=8,0", f"output_root={tmp_path}", f"hydra.sweep.dir={tmp_path}/s")
+    _one_error_line(done, "job 1", "eval.n", "no job was started")
+    assert not list(tmp_path.iterdir())
+    assert evaluate_py("-sc", "install=bash").returncode == 0
