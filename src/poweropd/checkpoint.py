@@ -60,9 +60,10 @@ def verify_checkpoint(path: Path, lm) -> None:
         raise CheckpointError(f"checkpoint {path} lacks its optimizer/RNG state")
     with safe_open(str(path / "model.safetensors"), framework="pt") as saved:
         keys = set(saved.keys())
-        expected = {k for k in lm.state_dict() if k != "lm_head.weight" or not lm.config.tie_word_embeddings}
-        if not expected <= keys | {"lm_head.weight"}:
-            raise CheckpointError(f"checkpoint {path} misses weights: {sorted(expected - keys)[:3]}")
+        tied = {"lm_head.weight"} if lm.config.tie_word_embeddings else set()  # save_pretrained drops it
+        missing = set(lm.state_dict()) - tied - keys
+        if missing:
+            raise CheckpointError(f"checkpoint {path} misses weights: {sorted(missing)[:3]}")
         for key in keys:
             if not bool(torch.isfinite(saved.get_tensor(key)).all()):
                 raise CheckpointError(f"checkpoint {path} holds non-finite values in {key}")

@@ -103,9 +103,7 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     clock = clock or StepClock(acc.device)
     mask_BT = rollouts.loss_mask_BT(rc.stop_token)
     if int(acc.reduce(mask_BT.sum(), "sum").item()) == 0:  # e.g. every rollout is a bare stop token
-        run.optimizer.zero_grad(set_to_none=True)
-        metrics = {"skipped": 1, "skip_reason": "empty", "n_tokens": 0}
-        return {**metrics, **rollout_metrics(acc, rollouts), **clock.metrics()}, {}
+        return _empty_update(run, rollouts, clock), {}
     micro = micro_batches(rollouts.input_ids_BS.shape[0], tc.micro_batch_size)
 
     # 2. The teacher scores the very same token ids (no grad).
@@ -123,10 +121,8 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     # activation) says nothing about the student: those tokens leave this update (N included).
     mask_BT, teacher_out, n_bad_teacher = drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out)
     n_global = int(acc.reduce(mask_BT.sum(), "sum").item())
-    if n_global == 0:
-        run.optimizer.zero_grad(set_to_none=True)
-        metrics = {"skipped": 1, "skip_reason": "empty", "n_tokens": 0, "nonfinite/teacher_tokens": n_bad_teacher}
-        return {**metrics, **rollout_metrics(acc, rollouts), **clock.metrics()}, {}
+    if n_global == 0:  # every valid token had a non-finite teacher value
+        return _empty_update(run, rollouts, clock, {"nonfinite/teacher_tokens": n_bad_teacher}), {}
     weights_BT = loss_weights(acc, mask_BT, rc.loss_agg)
 
     # z-score needs the whole batch's moments before the first backward; with several
@@ -210,6 +206,13 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
     return metrics, gathered
+
+
+def _empty_update(run: Run, rollouts: Rollouts, clock: StepClock, extra: dict | None = None) -> dict:
+    """Metrics of an update with no valid token to learn from: nothing is stepped."""
+    run.optimizer.zero_grad(set_to_none=True)
+    metrics = {"skipped": 1, "skip_reason": "empty", "n_tokens": 0, **(extra or {})}
+    return {**metrics, **rollout_metrics(run.accelerator, rollouts), **clock.metrics()}
 
 
 def drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out):

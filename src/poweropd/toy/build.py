@@ -40,6 +40,7 @@ from poweropd.toy.tokenizer import build_toy_tokenizer
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 2  # bump when the recipe changes in a way the spec does not capture
+ROLE_SEED = {"teacher": 1, "student": 2}  # seed offsets of each role's data order and init
 
 
 def cache_key(spec: ToyPairSpec) -> str:
@@ -163,9 +164,6 @@ def sft_corpus(spec: ToyPairSpec, role: str, n: int) -> list[tuple[str, str]]:
     rows = make_problems("train", n, seed=spec.seed + seed_offset)
     rng = random.Random(f"openings-{spec.seed}-{role}")
     return [(r["problem"], with_opening(r["solution"], rng, model_spec.opening_rate)) for r in rows]
-
-
-ROLE_SEED = {"teacher": 1, "student": 2}
 
 
 def sft_batches(tokenizer, spec: ToyPairSpec, role: str, steps: int):
