@@ -167,7 +167,8 @@ def test_evaluate_a_training_run_uses_its_saved_pair(tmp_path, toy_cache):
     "override, expected",
     [
         ("eval.n=0", "eval.n must be > 0"),
-        ("eval.backend=vllm", "eval.backend='vllm' is not valid; choose one of: hf, lm_eval"),
+        ("eval.backend=sglang", "eval.backend='sglang' is not valid; choose one of: hf, vllm, lm_eval"),
+        ("eval.lm_eval_model=sglang", "eval.lm_eval_model='sglang' is not valid; choose one of: hf, vllm"),
         ("eval.tempreature=0.1", "did you mean 'eval.temperature'"),
         ("eval=fast", "unknown eval 'fast'"),
         ("eval.suite=math8", "unknown suite 'math8'"),

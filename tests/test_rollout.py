@@ -156,3 +156,42 @@ def test_toy_pair_is_a_qwen3_pair(micro_pair):
     )
     assert text == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
     assert all(o.startswith("model_pair.toy") for o in MICRO_PAIR) and cfg.model_pair.kind == "toy"
+
+
+def test_hf_engine_generates_in_the_runs_precision(micro_pair):
+    """Under the paper's bf16 setting the rollouts are sampled under bf16 autocast (the
+    scorer's precision), not in the fp32 of the master weights."""
+    from poweropd.rollout import HFEngine
+
+    _, pair = micro_pair
+    seen = []
+    hook = pair.student.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    prompts = chat_prompts(pair.tokenizer, PROBLEMS[:2])
+    try:
+        bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # what accelerate's autocast gives for bf16
+        HFEngine(pair.student, pair.stop_ids, pair.pad_id, autocast=bf16).generate(prompts, SamplingParams(4))
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        HFEngine(pair.student, pair.stop_ids, pair.pad_id).generate(prompts, SamplingParams(4))
+        assert seen and set(seen) == {torch.float32}
+    finally:
+        hook.remove()
+    assert next(pair.student.parameters()).dtype == torch.float32  # master weights untouched
+
+
+def test_generation_module_has_no_engine_imports_and_no_cycle():
+    """evaluation and lm_eval_backend import the shared interface, not each other."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "poweropd"
+
+    def imports(name):
+        tree = ast.parse((src / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "poweropd.evaluation" not in imports("lm_eval_backend")
+    assert not {m for m in imports("generation") if m.startswith("poweropd.") and m != "poweropd.generation"} - {
+        "poweropd.rollout",
+        "poweropd.vllm_engine",
+    }

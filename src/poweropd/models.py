@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """A dtype setting (auto | float32 | bfloat16 | float16): auto is bf16 on GPU, fp32 on CPU."""
+    return DTYPES.get(dtype) or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
 @dataclass
 class ModelPair:
     teacher: nn.Module

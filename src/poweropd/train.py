@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_finite
 from poweropd.config import Config, ConfigError
 from poweropd.data import PromptSampler, train_rows, val_rows
+from poweropd.generation import RolloutEngine, Rollouts, SamplingParams
 from poweropd.grading import Grader
 from poweropd.models import ModelPair, StudentScorer, load_pair, teacher_score
 from poweropd.rewards import get_reward, masked_moments, zscore
-from poweropd.rollout import Rollouts, SamplingParams, chat_prompts, generate
+from poweropd.rollout import HFEngine, chat_prompts
 from poweropd.stats import StepClock, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
     FINAL_MODEL,
@@ -76,6 +77,7 @@ class Run:
     val: list[dict]
     tracker: Tracker
     grader: Grader  # the evaluation grader (math-verify + normalisation, time-bounded)
+    engine: RolloutEngine  # samples rollouts: HF generate on the student, or a colocated vLLM engine
 
     @property
     def student(self):
@@ -92,8 +94,13 @@ def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
     clock = StepClock(run.accelerator.device)
     # 1. Sample rollouts from the current student.
     rollouts = sample_rollouts(run, rows, training_sampling(run.cfg.training))
+    run.engine.sleep()  # a vLLM engine frees its GPU memory for the update (CUDA, vllm.sleep)
     clock.lap("generate")
-    return opd_update(run, rollouts, clock)
+    metrics, tokens = opd_update(run, rollouts, clock)
+    # 6. The next rollouts must come from the updated student: copy it into the engine.
+    if run.engine.name != "hf":
+        metrics["engine/sync_s"] = run.engine.sync(run.student)
+    return metrics, tokens
 
 
 def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> tuple[dict, dict]:
@@ -203,9 +210,20 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
         metrics.update(summarize("reward", gathered["reward"]))
     if "kl" in gathered:
         metrics.update(summarize("kl", gathered["kl"]))
+    if rollouts.engine_logprobs_BT is not None:
+        metrics.update(engine_logprob_gap(acc, rollouts.engine_logprobs_BT[mask_BT], flat["lS"]))
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
     return metrics, gathered
+
+
+def engine_logprob_gap(acc: Accelerator, engine_N: torch.Tensor, trainer_N: torch.Tensor) -> dict:
+    """|engine log-prob - trainer log-prob| of the sampled tokens (training-inference mismatch)."""
+    gap = gather_tokens(acc, (engine_N.to(trainer_N.device, trainer_N.dtype) - trainer_N).abs())
+    gap = gap[torch.isfinite(gap)]
+    if not gap.numel():
+        return {}
+    return {"engine/logprob_gap_mean": gap.mean().item(), "engine/logprob_gap_max": gap.max().item()}
 
 
 def _empty_update(run: Run, rollouts: Rollouts, clock: StepClock, extra: dict | None = None) -> dict:
@@ -333,9 +351,54 @@ def sample_rollouts(run: Run, rows: list[dict], params: SamplingParams, repeats:
     repeats = cfg.training.rollouts_per_prompt if repeats is None else repeats
     prompts = chat_prompts(run.pair.tokenizer, [r["problem"] for r in rows], cfg.model_pair.instruction)
     prompts = [p for p in prompts for _ in range(repeats)]
-    return generate(
-        run.student, prompts, params, run.pair.stop_ids, run.pair.pad_id, cfg.training.gen_batch_size or None
+    return run.engine.generate(prompts, params)
+
+
+def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator) -> RolloutEngine:
+    """The rollout engine of a run. HF generates in the run's precision (autocast); vLLM is
+    built from the student's checkpoint and synced with the live student before each use."""
+    tc = cfg.training
+    if tc.rollout_engine == "hf":
+        return HFEngine(pair.student, pair.stop_ids, pair.pad_id, tc.gen_batch_size, autocast=acc.autocast)
+    from poweropd.vllm_engine import VLLMEngine
+
+    precision = _mixed_precision(tc.mixed_precision)
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision) or str(pair.student.dtype).removeprefix("torch.")
+    vc = tc.vllm
+    return VLLMEngine(
+        None,
+        pair.stop_ids,
+        pair.pad_id,
+        model_path=pair.student_path,
+        dtype=dtype,
+        seed=cfg.seed + acc.process_index,
+        gpu_memory_utilization=vc.gpu_memory_utilization,
+        kv_cache_gib=vc.kv_cache_gib,
+        enforce_eager=vc.enforce_eager,
+        sleep=vc.sleep,
+        max_model_len=vc.max_model_len,
+        trust_remote_code=cfg.model_pair.trust_remote_code,
     )
+
+
+def check_engine(cfg: Config) -> None:
+    """Refuse an unusable engine setting in one line, before any weights load."""
+    if cfg.training.rollout_engine != "vllm":
+        return
+    from poweropd.vllm_engine import check_engine_model
+
+    mp = cfg.model_pair
+    if mp.kind == "toy":
+        spec = mp.toy.student
+        model_config = type("ToyConfig", (), {})()
+        model_config.hidden_size, model_config.num_attention_heads = spec.hidden, spec.heads
+        model_config.head_dim = spec.head_dim or spec.hidden // spec.heads
+    else:
+        from transformers import AutoConfig
+
+        kwargs = {"revision": mp.revision, "trust_remote_code": mp.trust_remote_code}
+        model_config = AutoConfig.from_pretrained(mp.student, **kwargs)
+    check_engine_model(model_config, "cuda" if torch.cuda.is_available() else "cpu", "training.rollout_engine")
 
 
 def rollout_metrics(acc: Accelerator, rollouts: Rollouts) -> dict:
@@ -477,6 +540,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     # From the moment a run's config is recorded, a different one is refused (before any
     # model is loaded, and before anything of the old run is moved away).
     check_resume_config(cfg, run_dir, acc.is_main_process)
+    check_engine(cfg)
     run = setup_run(cfg, run_dir, acc)
     try:
         return _loop(run, wall_start)
@@ -485,6 +549,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         raise
     finally:
         run.grader.close()
+        run.engine.close()
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -495,6 +560,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError(
             f"training.batch_size={tc.batch_size} must split evenly over {acc.num_processes} process(es) "
             f"into whole prompts of training.rollouts_per_prompt={tc.rollouts_per_prompt} rollouts"
+        )
+    if tc.rollout_engine == "vllm" and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            f"training.rollout_engine=vllm syncs full weights from each process, which {acc.distributed_type.name} "
+            "shards; use DDP (accelerate launch --multi_gpu) or training.rollout_engine=hf"
         )
     return acc
 
@@ -535,9 +605,10 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     # Seed last: building the toy pair (first use only) draws random numbers of its own,
     # and a run must not depend on whether the pair was already cached.
     set_seed(cfg.seed + acc.process_index)
+    engine = build_engine(cfg, pair, acc)
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
     sampler = PromptSampler(rows, cfg.seed)
-    return Run(cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader())
+    return Run(cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader(), engine)
 
 
 def _loop(run: Run, wall_start: float) -> dict:
@@ -551,7 +622,9 @@ def _loop(run: Run, wall_start: float) -> dict:
         run.sampler.load_state_dict(state["sampler"])
         tracker.rewind(start_step)
         log.info("resumed from %s (step %d of %d)", checkpoint, start_step, tc.steps)
-    else:
+    if run.engine.name != "hf":  # the engine starts from the checkpoint the student was loaded from
+        log.info("%s engine synced with the student in %.2f s", run.engine.name, run.engine.sync(run.student))
+    if checkpoint is None:
         tracker.start_fresh()
         if acc.is_main_process:
             record_run_config(run)

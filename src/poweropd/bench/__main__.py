@@ -1,11 +1,11 @@
-"""python -m poweropd.bench {kernels,step,overhead,scaling} [options]"""
+"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling} [options]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from poweropd.bench import common, kernels, overhead, step
+from poweropd.bench import common, kernels, overhead, rollout, step
 
 BENCHMARKS = {
     "kernels": (
@@ -28,6 +28,13 @@ BENCHMARKS = {
         overhead.table,
         overhead.describe,
         "harness vs bare loop (toy pair)",
+    ),
+    "rollout": (
+        rollout.add_arguments,
+        rollout.run,
+        rollout.table,
+        rollout.describe,
+        "rollout generation: HF generate vs vLLM",
     ),
     "scaling": (
         step.add_scaling_arguments,

@@ -77,6 +77,7 @@ def bench_run(pair, reward: str, batch: int, response: int, chunk: int, micro: i
     """A harness Run around `pair`: the trainer's accelerator, scorer and AdamW."""
     from poweropd.config import Config, RewardConfig, TrainingConfig
     from poweropd.models import StudentScorer
+    from poweropd.rollout import HFEngine
     from poweropd.train import Run, make_accelerator
 
     cfg = Config(
@@ -96,7 +97,8 @@ def bench_run(pair, reward: str, batch: int, response: int, chunk: int, micro: i
     scorer = StudentScorer(pair.student, chunk)
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-6)
     scorer, optimizer = acc.prepare(scorer, optimizer)
-    return Run(cfg, Path(tempfile.mkdtemp()), acc, pair, scorer, optimizer, None, [], None, None)
+    engine = HFEngine(pair.student, pair.stop_ids, pair.pad_id, autocast=acc.autocast)
+    return Run(cfg, Path(tempfile.mkdtemp()), acc, pair, scorer, optimizer, None, [], None, None, engine)
 
 
 def fixed_rollouts(batch: int, prompt: int, response: int, vocab: int, device: str, seed: int = 0):
