@@ -57,6 +57,16 @@ def _prepare_environment() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
 
+class _RotaryReloadFilter(logging.Filter):
+    """vLLM's in-place reloader warns "RotaryEmbedding: Failed to load weights" on every
+    sync: the rotary cos/sin cache is a buffer no checkpoint holds, and the reloader puts
+    the engine's own copy back (greedy outputs after a sync equal HF's, tests/test_vllm.py).
+    Any other layer that fails to load still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
+
+
 def import_vllm():
     """vllm, or EngineSetupError naming the fix."""
     if importlib.util.find_spec("vllm") is None:
@@ -69,6 +79,9 @@ def import_vllm():
         raise EngineSetupError(
             f"vLLM is installed but does not import ({exc.__class__.__name__}: {first}); reinstall it: {INSTALL_HINT}"
         ) from None
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in reload_log.filters):
+        reload_log.addFilter(_RotaryReloadFilter())
     return vllm
 
 
