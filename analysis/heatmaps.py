@@ -9,6 +9,8 @@ two probabilities (constant along rays from the origin) and grows without bound 
 approaches 0. Panels (b...) are PowerOPD's |pi_T^alpha - pi_theta^alpha| for each alpha:
 bounded by max(pi_T, pi_theta)^alpha, so as alpha grows the region where both probabilities
 are small turns inert and the signal concentrates where either model is confident.
+A companion figure (fig5_heatmaps_beyond) shows the other sampled-token objectives' per-token
+weights on the same square: + Clip, + Tanh, Box-Cox and the k1 / k2 / k3 direct losses.
 """
 
 from __future__ import annotations
@@ -142,6 +144,63 @@ def fig5_heatmaps(
         return save_figure(fig, out_dir, name)
 
 
+def sampled_token_weights(resolution: int = 200, alpha: float = 5.0, tau: float = 1.0) -> tuple[np.ndarray, dict]:
+    """|per-token weight on grad log pi_theta(token)| of the sampled-token objectives besides
+    the paper's two, on the same grid: the post-hoc baselines (+ Clip at [-1, 1], + Tanh at
+    tau), Box-Cox (PowerOPD / alpha), and the k1 / k2 / k3 estimators as direct losses, whose
+    weight is -dk/d log pi_theta (k1: 1 everywhere, k2: the log-ratio, k3: pi_T / pi_theta - 1,
+    unbounded as pi_theta -> 0: the forward KL's mass-covering pull)."""
+    p = probability_grid(resolution)
+    log_pT, log_pS = np.meshgrid(np.log(p), np.log(p), indexing="ij")
+    log_r = log_pT - log_pS
+    out = {
+        "+ Clip [-1, 1]": np.abs(np.clip(log_r, -1.0, 1.0)),
+        f"+ Tanh τ={tau:g}": np.abs(np.tanh(log_r / tau)),
+        f"Box-Cox α={alpha:g}": np.abs(power_reward(log_pT, log_pS, alpha)) / alpha,
+        "KL k1 loss": np.ones_like(log_r),
+        "KL k2 loss": np.abs(log_r),
+        "KL k3 loss": np.abs(np.expm1(log_r)),
+    }
+    return p, out
+
+
+def fig5_sampled_token_heatmaps(
+    out_dir: str | Path, resolution: int = 200, alpha: float = 5.0, name: str = "fig5_heatmaps_beyond"
+) -> list[Path]:
+    """Fig 5's companion: the same (pi_theta, pi_T) square for the other sampled-token
+    objectives (`sampled_token_weights`). Bounded weights on a linear scale from 0 to their
+    maximum, unbounded ones (k2, k3) on a log scale, as panel (a) of Fig 5."""
+    if resolution < 2:
+        return []
+    p, mags = sampled_token_weights(resolution, alpha)
+    extent = (float(p[0]), float(p[-1]), float(p[0]), float(p[-1]))
+    with plt.rc_context(PAPER_RC):
+        fig, axes = plt.subplots(
+            2, 3, figsize=(PAGE_WIDTH, 4.3), layout="constrained", sharex=True, sharey=True, squeeze=False
+        )
+        for i, (ax, (key, mag)) in enumerate(zip(axes.flat, mags.items())):
+            unbounded = key in ("KL k2 loss", "KL k3 loss")
+            if unbounded:
+                norm: Normalize = LogNorm(vmin=LOG_RATIO_FLOOR, vmax=float(mag.max()), clip=True)
+                shown = np.maximum(mag, LOG_RATIO_FLOOR)
+            else:
+                norm = Normalize(vmin=0.0, vmax=max(float(mag.max()), 1e-12))
+                shown = mag
+            image = ax.imshow(
+                shown, origin="lower", extent=extent, cmap=CMAP, norm=norm, aspect="equal", interpolation="nearest"
+            )
+            ax.set_title(f"({chr(ord('a') + i)}) {key}", loc="left")
+            ax.set_xlim(0.0, 1.0)
+            ax.set_ylim(0.0, 1.0)
+            colorbar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+            colorbar.ax.tick_params(labelsize=6)
+        for ax in axes[-1, :]:
+            ax.set_xlabel(r"student $\pi_\theta$")
+        for ax in axes[:, 0]:
+            ax.set_ylabel(r"teacher $\pi_T$")
+        return save_figure(fig, out_dir, name)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="figures", help="output folder (default: ./figures)")
@@ -156,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.resolution < 2:
         parser.error("--resolution must be >= 2")
     paths = fig5_heatmaps(args.out, alphas=args.alphas, resolution=args.resolution, name=args.name)
+    paths += fig5_sampled_token_heatmaps(args.out, resolution=args.resolution)
     for path in paths:
         print(path)
     return paths

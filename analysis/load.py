@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from poweropd.config import method_label
+from poweropd.config import reward_label
 
 SKIP_DIRS = {".hydra", "checkpoints", "student", "eval", "wandb", "figures", "tables", "__pycache__"}
 # Keys that differ between repeats of one configuration without changing it.
@@ -187,7 +187,7 @@ def _load_run(run_dir: Path, root: Path, problems: list[str]) -> tuple[dict, lis
         "finished": finished,
         "status": summary.get("status", "unfinished") if summary else "unfinished",
         "command": _command(run_dir),
-        "method": method_label(config.get("reward.name", "?"), config.get("reward.alpha")),
+        "method": reward_label({k: v for k, v in config.items() if k.startswith("reward.")}),
         **config,
         **{f"summary.{k}": v for k, v in summary.items() if not isinstance(v, (list, dict))},
         **_eval_columns(run_dir, problems),
@@ -337,7 +337,7 @@ def load_wandb(project: str, entity: str | None = None, api=None) -> RunSet:
                 "finished": wrun.state == "finished",
                 "status": wrun.state,
                 "command": "",
-                "method": method_label(config.get("reward.name", "?"), config.get("reward.alpha")),
+                "method": reward_label({k: v for k, v in config.items() if k.startswith("reward.")}),
                 **config,
                 **{f"summary.{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))},
             }

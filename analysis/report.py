@@ -49,6 +49,10 @@ def build_report(
     fig_dir.mkdir(exist_ok=True)
     tab_dir.mkdir(exist_ok=True)
 
+    # The paper's figures, tables, claims and study see the paper's objectives only; every
+    # other objective (docs/objectives.md) gets its own "beyond the paper" table below.
+    everything = runset
+    runset, beyond = split_beyond(runset)
     finished = runset.finished
     curves = runset.curves[runset.curves["run_id"].isin(finished["run_id"])]
     command = f"python -m analysis.report {' '.join(map(str, roots))}"
@@ -107,6 +111,11 @@ def build_report(
             heatmaps.fig5_heatmaps(fig_dir),
         ),
         (
+            "Fig 5 (beyond the paper): the other sampled-token objectives",
+            "|weight on ∇log π_θ(token)| of + Clip, + Tanh, Box-Cox and the k1 / k2 / k3 direct losses; analytic.",
+            heatmaps.fig5_sampled_token_heatmaps(fig_dir),
+        ),
+        (
             "Fig 6: gradient norm",
             "Pre-clip gradient norm per update.",
             figures.fig6_grad_norm(finished, curves, fig_dir),
@@ -135,6 +144,8 @@ def build_report(
         (tab_dir / f"results_{suite}.md").write_text(tables.to_markdown(table))
         md.append(f"LaTeX: `tables/results_{suite}.tex`.\n")
 
+    if len(beyond):
+        md.append(beyond_section(runset.runs, beyond, tab_dir))
     md.append("## Table 4: efficiency\n")
     rows = tables.efficiency_rows(runset.runs)
     md.append(tables.efficiency_markdown(rows))
@@ -158,7 +169,7 @@ def build_report(
     md.append(
         "Every run (one row, config keys + summary + evaluation columns) and every logged metric (long: "
         "run_id, step, metric, value), for your own analysis: "
-        + ", ".join(f"`{p.name}`" for p in export_tables(runset, out))
+        + ", ".join(f"`{p.name}`" for p in export_tables(everything, out))
         + ".\n"
     )
     if runset.problems:
@@ -167,6 +178,51 @@ def build_report(
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+PAPER_OBJECTIVES = ("vanilla", "clip", "tanh", "zscore", "power", "full_vocab")
+
+
+def is_paper_row(run: pd.Series) -> bool:
+    """A run of one of the paper's six objectives with its per-token rewards (or a reference
+    model). Reward-to-go, task rewards and every other objective are beyond the paper."""
+    if run.get("kind") != "run":
+        return True
+    off = lambda key: pd.isna(run.get(key)) or float(run.get(key)) == 0.0  # noqa: E731 - absent in old runs
+    return run.get("reward.name") in PAPER_OBJECTIVES and off("reward.gamma") and off("reward.task_weight")
+
+
+def split_beyond(runset: RunSet) -> tuple[RunSet, pd.DataFrame]:
+    if runset.runs.empty:
+        return runset, runset.runs
+    paper = runset.runs.apply(is_paper_row, axis=1).astype(bool)
+    kept = runset.runs[paper]
+    curves = runset.curves[runset.curves["run_id"].isin(kept["run_id"])] if len(runset.curves) else runset.curves
+    return RunSet(kept, curves, runset.problems), runset.runs[~paper]
+
+
+def beyond_section(paper_runs: pd.DataFrame, beyond: pd.DataFrame, tab_dir: Path) -> str:
+    """The objectives other trainers ship (docs/objectives.md), in the paper's table format,
+    beside the paper's Vanilla, Full-vocab and the PowerOPD rows at the alphas they use."""
+    names, values = beyond.get("reward.name", []), beyond.get("reward.alpha", [])
+    alphas = {float(a) for a, n in zip(values, names) if n in ("power", "box_cox")}
+    keep = paper_runs["kind"].eq("reference") | paper_runs["method"].isin(["Vanilla", "Full-vocab"])
+    keep |= paper_runs["method"].isin([f"PowerOPD α={a:g}" for a in alphas])
+    rows = pd.concat([paper_runs[keep], beyond], ignore_index=True)
+    md = [
+        "## Beyond the paper: the objectives of TRL, verl and tinker\n",
+        "Same pair, rollouts budget, learning rate, seeds and evaluation as the tables above; each objective's "
+        "formula, anchor and command are in `docs/objectives.md`. The paper's Vanilla, Full-vocab and the "
+        "PowerOPD rows at the same α are repeated for comparison.\n",
+    ]
+    for suite in tables.suites_in(rows[rows["finished"]]):
+        table = tables.results_table(rows, suite)
+        md.append(f"### {table.title}\n")
+        md.append(tables.to_markdown(table))
+        (tab_dir / f"beyond_{suite}.md").write_text(tables.to_markdown(table))
+        (tab_dir / f"beyond_{suite}.tex").write_text(tables.to_latex(table))
+        md.append(f"LaTeX: `tables/beyond_{suite}.tex`.\n")
+    return "\n".join(md)
 
 
 def export_tables(runset: RunSet, out: Path) -> list[Path]:

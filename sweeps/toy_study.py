@@ -8,9 +8,12 @@
    mean final validation accuracy becomes the one every method shares (the paper's protocol)
 2. training (`python run.py -cd sweeps -cn toy_study training.lr=<chosen>`): the 13 rows of
    Tables 2/3 x 3 seeds, 200 updates each, joblib, 2 runs at a time
+   ... then "beyond the paper" (`python run.py -cd sweeps -cn toy_beyond`): the objectives
+   of TRL, verl and tinker (JSD, top-k KL, k3 loss, reward-to-go, task reward, Box-Cox) at
+   the same learning rate and seeds, 18 runs (--no-beyond skips them)
 3. evaluation: every run, plus the untrained student and the teacher, Avg@8 / Pass@8 /
    length on the 500 toy test problems (`python evaluate.py sweep_dir=...`)
-4. the report: `python -m analysis.report <study>/runs <study>/evals --calibration
+4. the report: `python -m analysis.report <study>/runs <study>/beyond <study>/evals --calibration
    <study>/calibration --out docs/toy_study` (figures, tables with mean +- std over seeds,
    learning-rate robustness, ordering claims with paired bootstrap intervals)
 Each stage skips what is already done, so an interrupted study is finished by running it
@@ -51,6 +54,7 @@ def main() -> int:
     parser.add_argument("--calibration-methods", default=None, help="calibration experiments (default: six)")
     parser.add_argument("--lrs", default=None, help="calibration learning rates (default: 1e-4,3e-4,1e-3,3e-3)")
     parser.add_argument("--eval-args", default="", help="extra evaluate.py overrides, space-separated")
+    parser.add_argument("--no-beyond", action="store_true", help="skip the beyond-the-paper objectives")
     parser.add_argument("extra", nargs="*", help="run.py overrides for every run (after --)")
     args = parser.parse_args()
     py = sys.executable
@@ -96,6 +100,14 @@ def main() -> int:
             *args.extra,
         ],
     )
+    if not args.no_beyond:
+        seeds = [f"seed={args.seeds}"] if args.seeds else []
+        stage(
+            f"train the objectives beyond the paper at lr {lr}",
+            [py, "run.py", "-cd", "sweeps", "-cn", "toy_beyond", f"output_root={study}", f"training.lr={lr}"]
+            + seeds
+            + args.extra,
+        )
     pair = [a for a in args.extra if a.startswith("model_pair")]
     evaluation = args.eval_args.split()
     for model in ("student", "teacher"):
@@ -104,7 +116,11 @@ def main() -> int:
             [py, "evaluate.py", f"model={model}", f"output_root={study}", *pair, *evaluation],
         )
     stage("evaluate every run", [py, "evaluate.py", f"sweep_dir={study}/runs", *evaluation])
-    report = [py, "-m", "analysis.report", f"{study}/runs", f"{study}/evals", "--out", args.out]
+    roots = [f"{study}/runs"]
+    if not args.no_beyond:
+        stage("evaluate every run beyond the paper", [py, "evaluate.py", f"sweep_dir={study}/beyond", *evaluation])
+        roots.append(f"{study}/beyond")
+    report = [py, "-m", "analysis.report", *roots, f"{study}/evals", "--out", args.out]
     if Path(ROOT / study / "calibration").is_dir() or Path(study, "calibration").is_dir():
         report += ["--calibration", f"{study}/calibration"]
     stage("report", report)

@@ -290,6 +290,20 @@ def test_heatmap_magnitudes():
     assert heatmaps.support_threshold(0.05, 500.0) == pytest.approx(0.05 ** (1 / 500))
 
 
+def test_sampled_token_weights_of_the_other_objectives():
+    p, mags = heatmaps.sampled_token_weights(resolution=21, alpha=5.0)
+    log_r = np.log(p)[:, None] - np.log(p)[None, :]
+    np.testing.assert_allclose(mags["KL k3 loss"], np.abs(np.exp(log_r) - 1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mags["KL k2 loss"], np.abs(log_r), atol=1e-12)
+    assert (mags["KL k1 loss"] == 1).all()
+    assert mags["+ Clip [-1, 1]"].max() <= 1 and mags["Box-Cox α=5"].max() <= 1 / 5
+    assert mags["KL k3 loss"][-1, 0] > 1e3  # unbounded where the teacher is sure and the student is not
+
+
+def test_fig5_sampled_token_heatmaps(tmp_path):
+    assert_written(heatmaps.fig5_sampled_token_heatmaps(tmp_path, resolution=30), tmp_path, "fig5_heatmaps_beyond")
+
+
 def test_fig5_heatmaps(tmp_path):
     assert_written(heatmaps.fig5_heatmaps(tmp_path, alphas=(0.1, 5.0), resolution=40), tmp_path, "fig5_heatmaps")
 

@@ -21,7 +21,11 @@ from typing import Any
 
 from poweropd.toy.spec import ToyPairSpec
 
-REWARD_NAMES = ("vanilla", "clip", "tanh", "zscore", "power", "full_vocab")
+REWARD_NAMES = ("vanilla", "clip", "tanh", "zscore", "power", "full_vocab", "box_cox", "jsd", "topk_kl", "kl_loss")
+# Objectives that are a divergence over the whole (or top-k) vocabulary: no sampled-token
+# reward to normalise, discount or mix a task reward into.
+DISTRIBUTION_LOSSES = ("full_vocab", "jsd", "topk_kl")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 NORMALIZE_MODES = ("none", "zscore")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
 STOP_TOKEN_MODES = ("mask", "raw")
@@ -67,6 +71,11 @@ class RewardConfig:
     clip_low: float = _help("clip: lower bound c_l of clamp(lT - lS, c_l, c_h)", -1.0)
     clip_high: float = _help("clip: upper bound c_h", 1.0)
     tau: float = _help("tanh: r = tanh((lT - lS) / tau), tau > 0 (the paper gives none)", 1.0)
+    beta: float = _help("jsd: 0 = KL(P_T||P_S), 1 = KL(P_S||P_T), between: JSD with M = beta P_T + (1-beta) P_S", 0.5)
+    k: int = _help("topk_kl: teacher tokens per position in the forward KL", 64)
+    estimator: str = _help("kl_loss: k1 | k2 | k3, back-propagated directly as the loss", "k3")
+    gamma: float = _help("reward-to-go discount over the rollout (0 = per-token rewards, the paper)", 0.0)
+    task_weight: float = _help("weight of the grader's correctness of the rollout (0 = pure distillation)", 0.0)
     normalize: str = _help("batch normalisation after the transform: none | zscore", "none")
     loss_agg: str = _help("token_mean (global over the batch) | seq_mean (mean of per-rollout means)", "token_mean")
     stop_token: str = _help("mask: drop a terminal stop token from reward/loss/N | raw: keep it", "mask")
@@ -85,6 +94,29 @@ class RewardConfig:
             raise ConfigError(f"reward.clip_low ({self.clip_low}) must be < reward.clip_high ({self.clip_high})")
         if not self.tau > 0:
             raise ConfigError(f"reward.tau must be > 0 (got {self.tau})")
+        if not 0 <= self.beta <= 1:
+            raise ConfigError(f"reward.beta must be in [0, 1] (got {self.beta}); 0 = forward KL, 1 = reverse KL")
+        if self.k < 1:
+            raise ConfigError(f"reward.k must be >= 1 (got {self.k})")
+        _one_of("reward.estimator", self.estimator, KL_ESTIMATORS)
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"reward.gamma must be in [0, 1] (got {self.gamma}); 0 = per-token rewards")
+        if self.task_weight < 0:
+            raise ConfigError(f"reward.task_weight must be >= 0 (got {self.task_weight})")
+        if self.name in DISTRIBUTION_LOSSES:
+            for key, off in (("normalize", "none"), ("gamma", 0.0), ("task_weight", 0.0)):
+                if getattr(self, key) != off:
+                    raise ConfigError(
+                        f"reward={self.name} is a divergence over the vocabulary with no per-token reward, so "
+                        f"reward.{key}={getattr(self, key)} has nothing to act on; use a sampled-token objective "
+                        "(vanilla, power, ...) for it"
+                    )
+        if self.name == "kl_loss" and (self.normalize != "none" or self.gamma != 0):
+            key = "normalize" if self.normalize != "none" else "gamma"
+            raise ConfigError(
+                f"reward=kl_loss back-propagates its estimator directly (no reward), so reward.{key} does not apply; "
+                "use reward=vanilla with it for the policy-gradient form"
+            )
         if self.name == "vanilla" and self.normalize != "none":
             raise ConfigError(
                 "reward=vanilla never normalises (reward.normalize must be none); use reward=zscore "
@@ -100,20 +132,43 @@ class RewardConfig:
     @property
     def label(self) -> str:
         """The paper's name for the method (tables and legends)."""
-        return method_label(self.name, self.alpha)
+        return reward_label(dataclasses.asdict(self))
 
 
-def method_label(name: str, alpha: float | None) -> str:
-    """The paper's name for a method: Vanilla, + Clip, + Tanh, + Z-Score, Full-vocab, PowerOPD α=..."""
+def method_label(name: str, alpha: float | None, **knobs) -> str:
+    """The name of a method in tables and legends: the paper's (Vanilla, + Clip, + Tanh,
+    + Z-Score, Full-vocab, PowerOPD α=...) and the objectives beyond it (JSD β=..., Top-k KL
+    k=..., KL k3 loss, Box-Cox α=...), with " γ=..." / " + task ..." when those are on."""
     if name == "power":
-        return f"PowerOPD α={float(alpha):g}"
-    return {
-        "vanilla": "Vanilla",
-        "clip": "+ Clip",
-        "tanh": "+ Tanh",
-        "zscore": "+ Z-Score",
-        "full_vocab": "Full-vocab",
-    }.get(name, name)
+        text = f"PowerOPD α={float(alpha):g}"
+    elif name == "box_cox":
+        text = f"Box-Cox α={float(alpha):g}"
+    elif name == "jsd":
+        text = f"JSD β={float(knobs.get('beta', 0.5)):g}"
+    elif name == "topk_kl":
+        text = f"Top-k KL k={int(knobs.get('k', 64))}"
+    elif name == "kl_loss":
+        text = f"KL {knobs.get('estimator', 'k3')} loss"
+    else:
+        text = {
+            "vanilla": "Vanilla",
+            "clip": "+ Clip",
+            "tanh": "+ Tanh",
+            "zscore": "+ Z-Score",
+            "full_vocab": "Full-vocab",
+        }.get(name, name)
+    if float(knobs.get("gamma") or 0):
+        text += f" γ={float(knobs['gamma']):g}"
+    if float(knobs.get("task_weight") or 0):
+        text += f" + task {float(knobs['task_weight']):g}"
+    return text
+
+
+def reward_label(reward: dict) -> str:
+    """method_label of a reward section ({"name": ..., "alpha": ...} or flat "reward.*" keys)."""
+    r = {k.removeprefix("reward."): v for k, v in reward.items()}
+    knobs = {k: v for k, v in r.items() if k not in ("name", "alpha")}
+    return method_label(r.get("name", "?"), r.get("alpha"), **knobs)
 
 
 @dataclass
@@ -335,9 +390,27 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def method_tag(name: str, alpha: float) -> str:
-    """Short method name for directory names: `power500`, `vanilla`, ..."""
-    return f"power{alpha:g}" if name == "power" else name
+def method_tag(name, alpha: float | None = None) -> str:
+    """Short method name for directory names: `power500`, `vanilla`, `jsd0.5`, `topk64`,
+    `kl_k3`, `boxcox5`, plus `_g0.9` / `_task0.5`. Takes the reward section (conf/config.yaml
+    passes ${reward}) or, as before, (name, alpha)."""
+    if not isinstance(name, str):
+        r = dict(name)
+        name, alpha = r["name"], r.get("alpha")
+    else:
+        r = {}
+    tag = {
+        "power": lambda: f"power{float(alpha):g}",
+        "box_cox": lambda: f"boxcox{float(alpha):g}",
+        "jsd": lambda: f"jsd{float(r.get('beta', 0.5)):g}",
+        "topk_kl": lambda: f"topk{int(r.get('k', 64))}",
+        "kl_loss": lambda: f"kl_{r.get('estimator', 'k3')}",
+    }.get(name, lambda: name)()
+    if float(r.get("gamma") or 0):
+        tag += f"_g{float(r['gamma']):g}"
+    if float(r.get("task_weight") or 0):
+        tag += f"_task{float(r['task_weight']):g}"
+    return tag
 
 
 def register_configs() -> None:

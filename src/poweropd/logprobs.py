@@ -33,6 +33,7 @@ autocast dtype, exactly as the model's own lm-head would.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -302,3 +303,146 @@ def full_vocab_kl(
         return _FullVocabKL.apply(
             hS_ND, wS_VD, hT_ND.detach(), wT_VD.detach(), targets_N, weights_N, chunk, dtype_S, dtype_T
         )
+
+
+# ----------------------------------------------------------------------------------------
+# Generalised JSD (TRL) and top-k forward KL (verl): chunked, checkpointed per chunk
+#
+# These two need the student's whole distribution but have no closed-form gradient as
+# compact as the KL's, so they run the divergence under autograd one chunk at a time inside
+# torch.utils.checkpoint: the forward keeps only each chunk's inputs (hidden rows) and the
+# per-token values; the backward recomputes the chunk (logits, log-softmax, divergence) and
+# back-propagates it, then drops it. Peak: the autograd intermediates of ONE chunk (a handful
+# of [chunk, V] fp32 tensors; lower training.logprob_chunk_size if that is too much), never
+# [tokens, V]. The teacher side carries no gradient.
+
+
+def jsd_rows(lS_CV: torch.Tensor, lT_CV: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence per row, with TRL's conventions:
+
+        beta = 0:      KL(P_T || P_S)                                   forward KL
+        beta = 1:      KL(P_S || P_T)                                   reverse KL
+        0 < beta < 1:  beta KL(P_T || M) + (1 - beta) KL(P_S || M),     M = beta P_T + (1 - beta) P_S
+
+    (The interior expression tends to 0 at both ends; the two KLs are the endpoint cases,
+    as in TRL's generalized_jsd_loss.) Inputs are log-probs; the result is fp32 [C]."""
+    if beta == 0:
+        return (lT_CV.exp() * (lT_CV - lS_CV)).sum(-1)
+    if beta == 1:
+        return (lS_CV.exp() * (lS_CV - lT_CV)).sum(-1)
+    lM_CV = torch.logaddexp(lT_CV + math.log(beta), lS_CV + math.log1p(-beta))
+    kl_T = (lT_CV.exp() * (lT_CV - lM_CV)).sum(-1)
+    kl_S = (lS_CV.exp() * (lS_CV - lM_CV)).sum(-1)
+    return beta * kl_T + (1 - beta) * kl_S
+
+
+def topk_kl_rows(lS_CV: torch.Tensor, topk_lT_CK: torch.Tensor, topk_idx_CK: torch.Tensor) -> torch.Tensor:
+    """Forward KL restricted to the teacher's top-k tokens, NOT renormalised:
+
+        sum_{v in topk_T} P_T(v) (log P_T(v) - log P_S(v))
+
+    with both log-probs normalised over the whole vocabulary. k = V is the exact forward KL.
+    Why no renormalisation: the gradient wrt the student's logits is m_k times that of the
+    renormalised version (m_k = the teacher's top-k mass at that position), so both have the
+    same fixed point (P_S = the teacher's top-k renormalised); keeping the raw mass weights
+    each position by how much of the teacher the top-k actually covers, and keeps k = V
+    equal to the full forward KL."""
+    lS_CK = lS_CV.gather(1, topk_idx_CK)
+    return (topk_lT_CK.exp() * (topk_lT_CK - lS_CK)).sum(-1)
+
+
+def _student_logprobs(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(_logits(h_CD, w_VD), dim=-1)
+
+
+def _jsd_chunk(h_CD, w_VD, hT_CD, wT_VD, targets_C, weights_C, beta):
+    lS_CV = _student_logprobs(h_CD, w_VD)
+    with torch.no_grad():
+        lT_CV = torch.log_softmax(_logits(hT_CD, wT_VD), dim=-1)
+    d_C = jsd_rows(lS_CV, lT_CV, beta)
+    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach(), _gather(lT_CV, targets_C)
+
+
+def _topk_chunk(h_CD, w_VD, topk_lT_CK, topk_idx_CK, targets_C, weights_C):
+    lS_CV = _student_logprobs(h_CD, w_VD)
+    d_C = topk_kl_rows(lS_CV, topk_lT_CK, topk_idx_CK)
+    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach()
+
+
+def _checkpointed(fn, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args if isinstance(a, torch.Tensor)):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def generalized_jsd(hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, beta: float, chunk: int = 1024):
+    """sum_t w_t JSD_beta(P_T(.|c_t), P_S(.|c_t)) over the whole vocabulary, in chunks.
+
+    Returns (loss, jsd_N, lS_N, lT_N): gradient through the whole student distribution
+    (including its share of the mixture M); the teacher is stop-gradient; jsd_N and the
+    sampled tokens' log-probs carry no gradient."""
+    dtype_S = _compute_dtype(wS_VD)
+    wS, wT = wS_VD.to(dtype_S), wT_VD.detach().to(dtype_S)
+    # 0 x the inputs: a micro-batch without tokens still back-propagates (zeros)
+    loss, d, lS, lT = (hS_ND.sum() * 0.0).float(), [], [], []
+    with torch.autocast(hS_ND.device.type, enabled=False):
+        for rows in _chunks(hS_ND.shape[0], chunk):
+            out = _checkpointed(
+                _jsd_chunk, hS_ND[rows], wS, hT_ND[rows].detach(), wT, targets_N[rows], weights_N[rows].float(), beta
+            )
+            loss = loss + out[0]
+            d.append(out[1])
+            lS.append(out[2])
+            lT.append(out[3])
+    if not d:
+        return loss, *(hS_ND.new_zeros(0, dtype=torch.float32) for _ in range(3))
+    return loss, torch.cat(d), torch.cat(lS), torch.cat(lT)
+
+
+def topk_forward_kl(hS_ND, wS_VD, topk_lT_NK, topk_idx_NK, targets_N, weights_N, chunk: int = 1024):
+    """sum_t w_t sum_{v in topk_T(c_t)} P_T(v) (log P_T(v) - log P_S(v)), in chunks; needs only
+    the teacher's top-k log-probs and indices per position (`teacher_topk`).
+    Returns (loss, kl_N, lS_N)."""
+    dtype_S = _compute_dtype(wS_VD)
+    wS = wS_VD.to(dtype_S)
+    loss, d, lS = (hS_ND.sum() * 0.0).float(), [], []
+    with torch.autocast(hS_ND.device.type, enabled=False):
+        for rows in _chunks(hS_ND.shape[0], chunk):
+            out = _checkpointed(
+                _topk_chunk,
+                hS_ND[rows],
+                wS,
+                topk_lT_NK[rows],
+                topk_idx_NK[rows],
+                targets_N[rows],
+                weights_N[rows].float(),
+            )
+            loss = loss + out[0]
+            d.append(out[1])
+            lS.append(out[2])
+    if not d:
+        return loss, *(hS_ND.new_zeros(0, dtype=torch.float32) for _ in range(2))
+    return loss, torch.cat(d), torch.cat(lS)
+
+
+@torch.no_grad()
+def teacher_topk(hT_ND: torch.Tensor, wT_VD: torch.Tensor, targets_N: torch.Tensor, k: int, chunk: int = 1024):
+    """The teacher's top-k log-probs and token ids per position ([N, k] each), plus the
+    sampled tokens' log-probs lT_N; one [chunk, V] buffer at a time."""
+    w = wT_VD.to(_compute_dtype(wT_VD))
+    k = min(k, w.shape[0])
+    vals, idx, lT = [], [], []
+    for rows in _chunks(hT_ND.shape[0], chunk):
+        l_CV = _logits(hT_ND[rows], w)
+        l_CV.sub_(_lse_keep(l_CV)[:, None])
+        lT.append(_gather(l_CV, targets_N[rows]))
+        v, i = l_CV.topk(k, dim=-1)
+        vals.append(v)
+        idx.append(i)
+        del l_CV
+    if not lT:
+        empty = hT_ND.new_zeros((0, k), dtype=torch.float32)
+        return empty, empty.long(), hT_ND.new_zeros(0, dtype=torch.float32)
+    return torch.cat(vals), torch.cat(idx), torch.cat(lT)

@@ -190,6 +190,7 @@ class StudentScorer(nn.Module):
         teacher_weight_VD=None,
         loss_weights_N=None,
         reward_fn=None,
+        head_fn=None,
     ):
         """One of three heads on the same student pass:
         - plain: sampled-token log-probs lS_N (differentiable);
@@ -200,6 +201,8 @@ class StudentScorer(nn.Module):
         hidden_ND = completion_hidden(self.lm, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
         targets_N = input_ids_BS[:, prompt_len:][mask_BT]
         weight_VD = self.lm.get_output_embeddings().weight
+        if head_fn is not None:  # any other head on the completion states (jsd, topk_kl)
+            return head_fn(hidden_ND, weight_VD, targets_N)
         if teacher_hidden_ND is not None:
             return full_vocab_kl(
                 hidden_ND, weight_VD, teacher_hidden_ND, teacher_weight_VD, targets_N, loss_weights_N, self.chunk

@@ -37,12 +37,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_finite
-from poweropd.config import Config, ConfigError
+from poweropd.config import DISTRIBUTION_LOSSES, Config, ConfigError
 from poweropd.data import PromptSampler, train_rows, val_rows
 from poweropd.generation import RolloutEngine, Rollouts, SamplingParams
 from poweropd.grading import Grader
+from poweropd.logprobs import generalized_jsd, teacher_topk, topk_forward_kl
 from poweropd.models import ModelPair, StudentScorer, load_pair, teacher_score
-from poweropd.rewards import get_reward, masked_moments, zscore
+from poweropd.rewards import get_reward, kl_estimator, masked_moments, reward_to_go, task_advantage, zscore
 from poweropd.rollout import HFEngine, chat_prompts
 from poweropd.stats import StepClock, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
@@ -96,15 +97,22 @@ def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
     rollouts = sample_rollouts(run, rows, training_sampling(run.cfg.training))
     run.engine.sleep()  # a vLLM engine frees its GPU memory for the update (CUDA, vllm.sleep)
     clock.lap("generate")
-    metrics, tokens = opd_update(run, rollouts, clock)
+    correct_B = grade_rollouts(run, rows, rollouts) if run.cfg.reward.task_weight else None
+    metrics, tokens = opd_update(run, rollouts, clock, correct_B)
+    if correct_B is not None:
+        correct = gather_tokens(run.accelerator, correct_B.float().to(run.accelerator.device))
+        metrics["task/accuracy"] = correct.mean().item()
     # 6. The next rollouts must come from the updated student: copy it into the engine.
     if run.engine.name != "hf":
         metrics["engine/sync_s"] = run.engine.sync(run.student)
     return metrics, tokens
 
 
-def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> tuple[dict, dict]:
-    """Steps 2-5 of the update on rollouts the student just sampled."""
+def opd_update(
+    run: Run, rollouts: Rollouts, clock: StepClock | None = None, task_correct_B: torch.Tensor | None = None
+) -> tuple[dict, dict]:
+    """Steps 2-5 of the update on rollouts the student just sampled (`task_correct_B`: the
+    grader's verdict on each rollout, needed when reward.task_weight > 0)."""
     cfg, acc = run.cfg, run.accelerator
     tc, rc = cfg.training, cfg.reward
     clock = clock or StepClock(acc.device)
@@ -114,15 +122,7 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     micro = micro_batches(rollouts.input_ids_BS.shape[0], tc.micro_batch_size)
 
     # 2. The teacher scores the very same token ids (no grad).
-    teacher_out = [
-        teacher_score(
-            run.pair.teacher,
-            *_model_inputs(rollouts, mask_BT, rows_),
-            tc.logprob_chunk_size,
-            hidden_only=rc.name == "full_vocab",
-        )
-        for rows_ in micro
-    ]
+    teacher_out = [score_teacher(run, *_model_inputs(rollouts, mask_BT, rows_)) for rows_ in micro]
     clock.lap("teacher")
     # A non-finite teacher value (a bf16 teacher giving a sampled token probability 0, a NaN
     # activation) says nothing about the student: those tokens leave this update (N included).
@@ -141,29 +141,43 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     # 3. Student log-probs, rewards and the loss; one backward per micro-batch. Rewards that
     # need only their own token are formed inside the fused lm-head kernel (its gradient is
     # built in the forward, no recomputation); z-scored ones wait for the batch moments.
-    fused = rc.name != "full_vocab" and rc.normalize != "zscore"
+    kind = objective_kind(rc)
+    task_B = None
+    if rc.task_weight and task_correct_B is not None:
+        task_B = task_advantage(task_correct_B.to(acc.device), tc.rollouts_per_prompt)
     tokens = {"lT": [], "lS": [], "reward": [], "kl": [], "pos": []}
     loss_sum = torch.zeros((), device=acc.device)
     for i, rows_ in enumerate(micro):
         inputs = _model_inputs(rollouts, mask_BT, rows_)
         m_BT, w_N = mask_BT[rows_], weights_BT[rows_][mask_BT[rows_]]
-        lT_N, hT_ND = teacher_out[i]
+        lT_N, extra = teacher_out[i]
         sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(run.scorer)
         with sync:
             with acc.autocast():
-                if rc.name == "full_vocab":
+                if kind == "full_vocab":
                     head_T = run.pair.teacher.get_output_embeddings().weight
                     loss, kl_N, lS_N, lT_N = run.scorer(
-                        *inputs, teacher_hidden_ND=hT_ND, teacher_weight_VD=head_T, loss_weights_N=w_N
+                        *inputs, teacher_hidden_ND=extra, teacher_weight_VD=head_T, loss_weights_N=w_N
                     )
                     tokens["kl"].append(kl_N)
-                elif fused:
+                elif kind in ("jsd", "topk_kl"):
+                    loss, kl_N, lS_N, *rest = run.scorer(*inputs, head_fn=divergence_head(run, extra, w_N))
+                    lT_N = rest[0] if rest else lT_N
+                    tokens["kl"].append(kl_N)
+                elif kind == "fused":
                     loss, lS_N, r_N = run.scorer(*inputs, loss_weights_N=w_N, reward_fn=token_rewards(run, lT_N))
                     tokens["reward"].append(r_N)
-                else:
+                else:  # "pg" (z-score, reward-to-go, task reward) and "direct" (kl_loss)
                     lS_N = run.scorer(*inputs)
                     r_N = compute_rewards(run, lT_N, lS_N.detach(), moments)
-                    loss = -(r_N * lS_N * w_N).sum()
+                    task_N = None if task_B is None else task_B[rows_][:, None].expand_as(m_BT)[m_BT]
+                    if kind == "direct":
+                        loss = (kl_estimator(lT_N, lS_N, rc.estimator) * w_N).sum()
+                        if task_N is not None:
+                            loss = loss - (rc.task_weight * task_N * lS_N * w_N).sum()
+                    else:
+                        adv_N = advantages(r_N, m_BT, rc, task_N)
+                        loss = -(adv_N * lS_N * w_N).sum()
                     tokens["reward"].append(r_N)
             acc.backward(loss)
         loss_sum += loss.detach()
@@ -217,6 +231,14 @@ def opd_update(run: Run, rollouts: Rollouts, clock: StepClock | None = None) -> 
     return metrics, gathered
 
 
+def grade_rollouts(run: Run, rows: list[dict], rollouts: Rollouts) -> torch.Tensor:
+    """The grader's verdict (1 correct, 0 not) on each rollout of `rows` (repeated in order)."""
+    repeats = rollouts.input_ids_BS.shape[0] // max(len(rows), 1)
+    texts = run.pair.tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
+    items = [(text, rows[i // repeats]["answer"], rows[i // repeats]) for i, text in enumerate(texts)]
+    return torch.tensor([float(g.correct) for g in run.grader.grade_many(items)])
+
+
 def engine_logprob_gap(acc: Accelerator, engine_N: torch.Tensor, trainer_N: torch.Tensor) -> dict:
     """|engine log-prob - trainer log-prob| of the sampled tokens (training-inference mismatch)."""
     gap = gather_tokens(acc, (engine_N.to(trainer_N.device, trainer_N.dtype) - trainer_N).abs())
@@ -247,8 +269,32 @@ def drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out):
         dropped += int((~ok_N).sum())
         sub_BT = mask_BT[rows_]  # a view: the row-major order of its True entries is the order of N
         sub_BT[sub_BT.clone()] = ok_N
-        kept.append((lT_N[ok_N] if lT_N is not None else None, hT_ND[ok_N] if hT_ND is not None else None))
+        kept.append((_keep_rows(lT_N, ok_N), _keep_rows(hT_ND, ok_N)))
     return mask_BT, kept, dropped
+
+
+def _keep_rows(x, ok_N):
+    if x is None:
+        return None
+    if isinstance(x, tuple):  # top-k teacher values and indices
+        return tuple(e[ok_N] for e in x)
+    return x[ok_N]
+
+
+def score_teacher(run: Run, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT):
+    """The teacher's side of one micro-batch, as the objective needs it: (lT_N, None) for the
+    sampled-token objectives, (None, hidden_ND) for the full-vocabulary ones, (lT_N,
+    (top-k log-probs, top-k ids)) for topk_kl."""
+    rc, chunk = run.cfg.reward, run.cfg.training.logprob_chunk_size
+    inputs = (input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
+    hidden = rc.name in DISTRIBUTION_LOSSES
+    lT_N, hT_ND = teacher_score(run.pair.teacher, *inputs, chunk, hidden_only=hidden)
+    if rc.name != "topk_kl":
+        return lT_N, hT_ND
+    targets_N = input_ids_BS[:, prompt_len:][mask_BT]
+    head = run.pair.teacher.get_output_embeddings().weight
+    vals_NK, idx_NK, lT_N = teacher_topk(hT_ND, head, targets_N, rc.k, chunk)
+    return lT_N, (vals_NK, idx_NK)
 
 
 def finite_tokens(tokens: dict) -> dict:
@@ -276,6 +322,49 @@ def token_rewards(run: Run, lT_N: torch.Tensor):
         return raw_rewards(rc, lT_N[rows], lS_C)
 
     return reward_fn
+
+
+def objective_kind(rc) -> str:
+    """How the update is formed:
+    fused       a per-token reward formed inside the lm-head kernel (vanilla, clip, tanh,
+                power, box_cox without normalisation, discount or task reward)
+    pg          the same policy gradient, with rewards that need more than their own token
+                first (z-score moments, reward-to-go, the rollout's task reward)
+    direct      kl_loss: an estimator back-propagated as the loss
+    full_vocab | jsd | topk_kl   divergences over the vocabulary (chunked kernels)"""
+    if rc.name in DISTRIBUTION_LOSSES:
+        return rc.name
+    if rc.name == "kl_loss":
+        return "direct"
+    if rc.normalize == "zscore" or rc.gamma or rc.task_weight:
+        return "pg"
+    return "fused"
+
+
+def advantages(r_N: torch.Tensor, m_BT: torch.Tensor, rc, task_N: torch.Tensor | None) -> torch.Tensor:
+    """Per-token advantages of one micro-batch of whole rollouts: the reward-to-go of the
+    (normalised) rewards, plus task_weight x the rollout's task advantage on every token
+    (gamma = 0) or as its terminal reward (gamma > 0, discounted back like any reward)."""
+    if not rc.gamma:
+        return r_N if task_N is None else r_N + rc.task_weight * task_N
+    r_BT = torch.zeros(m_BT.shape, dtype=r_N.dtype, device=r_N.device)
+    r_BT[m_BT] = r_N
+    if task_N is not None:
+        task_BT = torch.zeros_like(r_BT)
+        task_BT[m_BT] = task_N
+        last_B = (m_BT.long().cumsum(-1) == m_BT.sum(-1, keepdim=True)) & m_BT  # the last loss token
+        r_BT = r_BT + rc.task_weight * task_BT * last_B
+    return reward_to_go(r_BT, m_BT, rc.gamma)[m_BT]
+
+
+def divergence_head(run: Run, teacher_extra, w_N: torch.Tensor):
+    """The student-side head of jsd / topk_kl, run inside the scorer's forward."""
+    rc, chunk = run.cfg.reward, run.cfg.training.logprob_chunk_size
+    if rc.name == "jsd":
+        head_T = run.pair.teacher.get_output_embeddings().weight
+        return lambda h, w, t: generalized_jsd(h, w, teacher_extra, head_T, t, w_N, rc.beta, chunk)
+    vals_NK, idx_NK = teacher_extra
+    return lambda h, w, t: topk_forward_kl(h, w, vals_NK, idx_NK, t, w_N, chunk)
 
 
 def compute_rewards(run: Run, lT_N, lS_N, moments=None) -> torch.Tensor:
@@ -467,7 +556,7 @@ def reward_dump(run: Run) -> dict:
         "student_logprob": lS_N,
         "log_ratio": lT_N - lS_N,
     }
-    if rc.name != "full_vocab":
+    if rc.name not in DISTRIBUTION_LOSSES:  # per-token rewards (reward-to-go and task reward not applied)
         ones = torch.ones_like(lT_N)
         r_N = get_reward(rc.name)(lT_N, lS_N, ones, rc)
         arrays["reward"] = zscore(r_N, ones, masked_moments(r_N, ones)) if rc.normalize == "zscore" else r_N
@@ -780,7 +869,7 @@ def build_summary(run: Run, status: str, last_step: int, resumed_from, wall_star
         "steps": last_step,
         "method": cfg.reward.label,
         "reward": cfg.reward.name,
-        "alpha": cfg.reward.alpha if cfg.reward.name == "power" else None,
+        "alpha": cfg.reward.alpha if cfg.reward.name in ("power", "box_cox") else None,
         "model_pair": cfg.model_pair.name,
         "teacher": run.pair.teacher_path,
         "student": run.pair.student_path,
