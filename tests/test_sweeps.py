@@ -140,6 +140,25 @@ def test_the_toy_study_covers_every_table_row_with_three_seeds(monkeypatch):
     assert json.dumps(dict(cfg.hydra.launcher)).count("Joblib") == 1
 
 
+def test_the_beyond_sweep_runs_each_new_objective_at_the_studys_seeds(monkeypatch):
+    from conftest import make_config
+
+    from analysis.report import is_paper_row
+
+    monkeypatch.chdir(ROOT)
+    cfg = compose_from(ROOT / "sweeps", "toy_beyond", [])
+    params = dict(cfg.hydra.sweeper.params)
+    rows = params["experiment"].split(",")
+    assert params["seed"] == "0,1,2" and cfg.hydra.sweep.dir == "${output_root}/beyond"
+    names = set()
+    for row in rows:
+        reward = make_config([f"experiment={row}"]).reward
+        names.add(reward.name)
+        flat = {"kind": "run", **{f"reward.{k}": v for k, v in vars(reward).items()}}
+        assert not is_paper_row(flat), row  # lands in the beyond-the-paper table, not in Tables 2/3
+    assert {"jsd", "topk_kl", "kl_loss", "box_cox"} <= names
+
+
 def test_the_slurm_launcher_requeues_and_claims_no_unmeasured_time(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = compose_from(CONF_DIR, "config", ["hydra/launcher=slurm_gpu"])
