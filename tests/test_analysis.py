@@ -15,8 +15,9 @@ import yaml
 from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
 
 from analysis.claims import check_claims
-from analysis.load import RunSet, load_runs, load_wandb, method_label
+from analysis.load import RunSet, load_runs, load_wandb
 from analysis.tables import efficiency_markdown, efficiency_rows, ranks, results_table, to_latex, to_markdown
+from poweropd.config import method_label
 from poweropd.flops import QWEN3, arch_from_hf_config, paper_table4_flops, update_flops
 
 BENCH = ("gsm8k", "math500", "amc23", "aime24", "aime25", "minerva", "olympiadbench")

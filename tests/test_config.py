@@ -97,9 +97,9 @@ def test_readme_command_composes(args):
         (
             ["reward.alhpa=5"],
             r"unknown config key 'reward.alhpa' \(did you mean 'reward.alpha'\?\); "
-            r"valid keys under reward: alpha, clip_high",
+            r"valid keys under reward: alpha, beta, clip_high",
         ),
-        (["reward=powr"], r"unknown reward 'powr'; valid: clip, full_vocab, power, tanh, vanilla, zscore"),
+        (["reward=powr"], r"unknown reward 'powr'; valid: box_cox, clip, full_vocab, jsd, kl_loss, power, tanh, "),
         (["model_pair=qwen4"], r"unknown model_pair 'qwen4'; valid: custom, qwen3_4b_0.6b"),
         (["reward.alpha=abc"], r"reward.alpha='abc' has the wrong type: expected float"),
         (["training.steps=1.5"], r"training.steps=1.5 has the wrong type: expected int"),

@@ -140,9 +140,9 @@ def test_a_skipped_update_leaves_weights_and_optimizer_untouched(tmp_path, toy_c
     seen = {}
     original = train_mod.opd_update
 
-    def spy(run, rollouts, clock=None):
+    def spy(run, rollouts, clock=None, task_correct_B=None):
         before = [p.detach().clone() for p in run.student.parameters()]
-        out = original(run, rollouts, clock)
+        out = original(run, rollouts, clock, task_correct_B)
         seen[len(seen) + 1] = all(torch.equal(a, b) for a, b in zip(before, run.student.parameters()))
         return out
 

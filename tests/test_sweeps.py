@@ -149,7 +149,7 @@ def test_the_beyond_sweep_runs_each_new_objective_at_the_studys_seeds(monkeypatc
     cfg = compose_from(ROOT / "sweeps", "toy_beyond", [])
     params = dict(cfg.hydra.sweeper.params)
     rows = params["experiment"].split(",")
-    assert params["seed"] == "0,1,2" and cfg.hydra.sweep.dir == "${output_root}/beyond"
+    assert params["seed"] == "0,1,2" and cfg.hydra.sweep.dir == f"{cfg.output_root}/beyond"
     names = set()
     for row in rows:
         reward = make_config([f"experiment={row}"]).reward
