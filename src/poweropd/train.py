@@ -140,7 +140,9 @@ def opd_update(
 
     # 3. Student log-probs, rewards and the loss; one backward per micro-batch. Rewards that
     # need only their own token are formed inside the fused lm-head kernel (its gradient is
-    # built in the forward, no recomputation); z-scored ones wait for the batch moments.
+    # built in the forward, no recomputation); z-scored ones wait for the batch moments,
+    # discounted / task-mixed ones for the whole rollout; divergences over the vocabulary
+    # (full_vocab, jsd, topk_kl) run their own chunked heads (see objective_kind).
     kind = objective_kind(rc)
     task_B = None
     if rc.task_weight and task_correct_B is not None:
