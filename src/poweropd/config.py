@@ -347,7 +347,7 @@ class EvalConfig:
     top_p: float = _help("nucleus sampling", 0.95)
     top_k: int = _help("top-k (0 = off)", 20)
     max_new_tokens: int = _help("response limit; also capped by the model's context window", 4096)
-    batch_size: int = _help("sequences per generate call", 64)
+    batch_size: int = _help("sequences per generate call (hf; vllm schedules a whole benchmark itself)", 64)
     backend: str = _help(
         "hf (transformers generate) | vllm (vLLM engine) | lm_eval (lm-evaluation-harness, same data and grader)", "hf"
     )

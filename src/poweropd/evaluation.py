@@ -281,7 +281,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         backend = None
         if ec.backend != "lm_eval":
             engine = eval_engine(ec, target, model, stop_ids, pad_id, cfg.seed)
-            backend = EngineBackend(engine, tokenizer, ec.batch_size)
+            # vLLM schedules its own batches: it gets every sample of a benchmark at once.
+            batch = ec.batch_size if engine.name == "hf" else max(1, max(len(p) for p in data.values()) * ec.n)
+            backend = EngineBackend(engine, tokenizer, batch)
         with Grader(timeout_s=ec.grade_timeout_s) as grader:
             for bench in todo:
                 rows = data[bench.name]
