@@ -60,6 +60,22 @@ def reward_magnitudes(
     return p, out
 
 
+def _frame_panel(fig, ax, image, title: str) -> None:
+    """Title, the unit square and a colour bar: what every heatmap panel shares."""
+    ax.set_title(title, loc="left")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    colorbar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+    colorbar.ax.tick_params(labelsize=6)
+
+
+def _label_axes(axes) -> None:
+    for ax in axes[-1, :]:
+        ax.set_xlabel(r"student $\pi_\theta$")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(r"teacher $\pi_T$")
+
+
 def fig5_heatmaps(
     out_dir: str | Path,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -131,16 +147,9 @@ def fig5_heatmaps(
                     fontsize=6,
                     va="bottom",
                 )
-            ax.set_title(title, loc="left")
-            ax.set_xlim(0.0, 1.0)
-            ax.set_ylim(0.0, 1.0)
+            _frame_panel(fig, ax, image, title)
             ax.spines[["top", "right"]].set_visible(True)
-            colorbar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
-            colorbar.ax.tick_params(labelsize=6)
-        for ax in axes[-1, :]:
-            ax.set_xlabel(r"student $\pi_\theta$")
-        for ax in axes[:, 0]:
-            ax.set_ylabel(r"teacher $\pi_T$")
+        _label_axes(axes)
         return save_figure(fig, out_dir, name)
 
 
@@ -189,15 +198,8 @@ def fig5_sampled_token_heatmaps(
             image = ax.imshow(
                 shown, origin="lower", extent=extent, cmap=CMAP, norm=norm, aspect="equal", interpolation="nearest"
             )
-            ax.set_title(f"({chr(ord('a') + i)}) {key}", loc="left")
-            ax.set_xlim(0.0, 1.0)
-            ax.set_ylim(0.0, 1.0)
-            colorbar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
-            colorbar.ax.tick_params(labelsize=6)
-        for ax in axes[-1, :]:
-            ax.set_xlabel(r"student $\pi_\theta$")
-        for ax in axes[:, 0]:
-            ax.set_ylabel(r"teacher $\pi_T$")
+            _frame_panel(fig, ax, image, f"({chr(ord('a') + i)}) {key}")
+        _label_axes(axes)
         return save_figure(fig, out_dir, name)
 
 

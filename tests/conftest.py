@@ -78,3 +78,25 @@ def micro_pair(toy_cache):
 
     cfg = make_config(MICRO_PAIR + MICRO_TRAINING + [f"model_pair.cache_dir={toy_cache}"])
     return cfg, load_pair(cfg.model_pair, torch.device("cpu"))
+
+
+def kill_after_checkpoint(proc, run_dir: Path, lines: int = 4, timeout: float = 240) -> None:
+    """SIGKILL a run.py process once it has a checkpoint and `lines` metrics lines (so at
+    least one step was logged after the checkpoint); fails if the run ends first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if (
+            (run_dir / "checkpoints" / "latest").exists()
+            and metrics.exists()
+            and len(metrics.read_text().splitlines()) >= lines
+        ):
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read()[-3000:])
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

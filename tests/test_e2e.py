@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
+from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT, kill_after_checkpoint
 
 STEP_KEYS = {
     "loss",
@@ -117,21 +117,7 @@ def test_kill_and_resume_gives_one_line_per_step(tmp_path, toy_cache):
     run_py(reference, toy_cache, *args)
 
     run_dir = tmp_path / "killed"
-    proc = run_py(run_dir, toy_cache, *args, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once a checkpoint exists and more steps were logged after it
-        metrics = run_dir / "metrics.jsonl"
-        if (
-            (run_dir / "checkpoints" / "latest").exists()
-            and metrics.exists()
-            and len(metrics.read_text().splitlines()) >= 4
-        ):
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run finished before it could be killed:\n" + proc.stdout.read()[-2000:])
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(run_py(run_dir, toy_cache, *args, wait=False), run_dir)
     assert not (run_dir / "summary.json").exists()
 
     run_py(run_dir, toy_cache, *args)

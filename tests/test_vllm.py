@@ -12,14 +12,12 @@ import copy
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
+from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT, kill_after_checkpoint
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("POWEROPD_REQUIRE_VLLM") == "1":
@@ -152,17 +150,7 @@ def metrics_of(run_dir) -> list[dict]:
 def test_training_with_vllm_rollouts_kill_and_resume(tmp_path, toy_cache):
     args = ("training.steps=6", "training.save_every=2", "reward=power", "reward.alpha=3")
     run_dir = tmp_path / "run"
-    proc = run_py(run_dir, toy_cache, *args, wait=False)
-    deadline = time.time() + 400
-    while time.time() < deadline:  # kill once a checkpoint exists and a step was logged after it
-        metrics = run_dir / "metrics.jsonl"
-        if (run_dir / "checkpoints" / "latest").exists() and metrics.exists() and len(metrics.read_text().split()) >= 4:
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read()[-3000:])
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(run_py(run_dir, toy_cache, *args, wait=False), run_dir, timeout=400)
     assert not (run_dir / "summary.json").exists()
 
     done = run_py(run_dir, toy_cache, *args)

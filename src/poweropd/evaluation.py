@@ -405,7 +405,8 @@ def eval_engine(ec: EvalConfig, target: EvalTarget, model, stop_ids: list[int], 
 
     if ec.backend == "hf":
         return make_engine("hf", model, stop_ids, pad_id, ec.batch_size)
-    vc = ec.vllm
+    from poweropd.vllm_engine import engine_options
+
     return make_engine(
         "vllm",
         None,
@@ -414,12 +415,8 @@ def eval_engine(ec: EvalConfig, target: EvalTarget, model, stop_ids: list[int], 
         model_path=target.model_path,
         dtype=str(resolve_dtype(ec.dtype)).removeprefix("torch."),
         seed=seed,
-        gpu_memory_utilization=vc.gpu_memory_utilization,
-        kv_cache_gib=vc.kv_cache_gib,
-        enforce_eager=vc.enforce_eager,
-        sleep=False,
-        max_model_len=vc.max_model_len,
         trust_remote_code=target.pair.trust_remote_code,
+        **{**engine_options(ec.vllm), "sleep": False},  # nothing else shares the GPU: no sleeping
     )
 
 

@@ -451,11 +451,10 @@ def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator) -> RolloutEngin
     tc = cfg.training
     if tc.rollout_engine == "hf":
         return HFEngine(pair.student, pair.stop_ids, pair.pad_id, tc.gen_batch_size, autocast=acc.autocast)
-    from poweropd.vllm_engine import VLLMEngine
+    from poweropd.vllm_engine import VLLMEngine, engine_options
 
     precision = _mixed_precision(tc.mixed_precision)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision) or str(pair.student.dtype).removeprefix("torch.")
-    vc = tc.vllm
     return VLLMEngine(
         None,
         pair.stop_ids,
@@ -463,12 +462,8 @@ def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator) -> RolloutEngin
         model_path=pair.student_path,
         dtype=dtype,
         seed=cfg.seed + acc.process_index,
-        gpu_memory_utilization=vc.gpu_memory_utilization,
-        kv_cache_gib=vc.kv_cache_gib,
-        enforce_eager=vc.enforce_eager,
-        sleep=vc.sleep,
-        max_model_len=vc.max_model_len,
         trust_remote_code=cfg.model_pair.trust_remote_code,
+        **engine_options(tc.vllm),
     )
 
 

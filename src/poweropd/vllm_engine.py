@@ -108,6 +108,17 @@ def check_engine_model(model_config, device: str, key: str) -> None:
         )
 
 
+def engine_options(vc) -> dict:
+    """VLLMEngine's memory and compilation keywords from a `training.vllm` / `eval.vllm` section."""
+    return dict(
+        gpu_memory_utilization=vc.gpu_memory_utilization,
+        kv_cache_gib=vc.kv_cache_gib,
+        enforce_eager=vc.enforce_eager,
+        sleep=vc.sleep,
+        max_model_len=vc.max_model_len,
+    )
+
+
 class VLLMEngine:
     """vLLM behind the RolloutEngine interface (poweropd.generation)."""
 
