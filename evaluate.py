@@ -17,17 +17,9 @@ from pathlib import Path
 
 import hydra
 
-from poweropd.config import (
-    EVAL_GROUPS,
-    ConfigError,
-    EvaluateConfig,
-    check_every_job,
-    check_overrides,
-    cli_overrides,
-    hydra_only_command,
-    register_configs,
-    to_config,
-)
+from poweropd.cli import EVAL_GROUPS, check_every_job, check_overrides, cli_overrides, hydra_only_command
+from poweropd.config import EvaluateConfig, register_configs, to_config
+from poweropd.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 register_configs()

@@ -15,16 +15,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from poweropd.config import (
-    ConfigError,
-    check_every_job,
-    check_overrides,
-    cli_overrides,
-    hydra_only_command,
-    register_configs,
-    remove_refused_run_dir,
-    to_config,
-)
+from poweropd.cli import check_every_job, check_overrides, cli_overrides, hydra_only_command, remove_refused_run_dir
+from poweropd.config import register_configs, to_config
+from poweropd.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 register_configs()

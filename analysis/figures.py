@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ from matplotlib.colors import Colormap, Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from analysis.labels import POWER_PREFIX, baseline_of, label_alpha, method_sort_key  # noqa: E402
 
 COLUMN_WIDTH = 3.3  # inches, one column of a two-column paper
 PAGE_WIDTH = 6.8  # inches, the full text width
@@ -76,15 +77,11 @@ BASELINE_COLORS: dict[str, str] = {
     "Teacher": "#7f7f7f",
     "Student": "#bcbd22",
 }
-BASELINE_ORDER = ("Teacher", "Student", "Full-vocab", "Vanilla", "+ Clip", "+ Tanh", "+ Z-Score")
-POWER_PREFIX = "PowerOPD"
 POWER_CMAP = "viridis"
 POWER_LOG10_ALPHA_RANGE = (-1.0, 3.0)  # alpha 0.1 .. 1000, the paper's sweep; outside is clamped
 POWER_CMAP_SPAN = (0.0, 0.85)  # the yellow end of viridis is too light on white
 OTHER_COLORS = ("#17becf", "#9467bd", "#1f77b4", "#2ca02c", "#aec7e8", "#ff9896")
 LINESTYLES = ("-", "--", ":", "-.")
-
-_ALPHA_RE = re.compile(r"α\s*=\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,14 +96,6 @@ def power_reward(lT: np.ndarray | float, lS: np.ndarray | float, alpha: float) -
     return np.exp(alpha * lT64) - np.exp(alpha * lS64)
 
 
-def label_alpha(label: str) -> float | None:
-    """The alpha written in a PowerOPD label ("PowerOPD α=500" -> 500.0), else None."""
-    if not str(label).startswith(POWER_PREFIX):
-        return None
-    match = _ALPHA_RE.search(str(label))
-    return float(match.group(1)) if match else None
-
-
 def power_color(alpha: float, cmap: str | Colormap = POWER_CMAP) -> tuple[float, float, float, float]:
     """The colour of PowerOPD at `alpha` (position on the colormap by log10(alpha))."""
     lo, hi = POWER_LOG10_ALPHA_RANGE
@@ -116,32 +105,13 @@ def power_color(alpha: float, cmap: str | Colormap = POWER_CMAP) -> tuple[float,
     return colormap(span_lo + frac * (span_hi - span_lo))
 
 
-def _baseline_of(label: str) -> str | None:
-    # Labels may carry a suffix that tells groups apart ("Vanilla (training.lr=3e-05)").
-    for base in BASELINE_ORDER:
-        if str(label).startswith(base):
-            return base
-    return None
-
-
-def method_sort_key(label: str) -> tuple:
-    """Paper order: references, Full-vocab, Vanilla, post-hoc baselines, PowerOPD by alpha, others."""
-    base = _baseline_of(label)
-    if base is not None:
-        return (BASELINE_ORDER.index(base), 0.0, str(label))
-    if str(label).startswith(POWER_PREFIX):
-        alpha = label_alpha(label)
-        return (len(BASELINE_ORDER), alpha if alpha is not None else math.inf, str(label))
-    return (len(BASELINE_ORDER) + 1, 0.0, str(label))
-
-
 def method_colors(labels: Iterable[str]) -> dict[str, object]:
     """A colour per method label: fixed colours for the baselines, the `POWER_CMAP` colormap
     by log10(alpha) for PowerOPD, and distinct leftover colours for anything else."""
     colors: dict[str, object] = {}
     others = iter(OTHER_COLORS)
     for label in sorted(set(map(str, labels)), key=method_sort_key):
-        base, alpha = _baseline_of(label), label_alpha(label)
+        base, alpha = baseline_of(label), label_alpha(label)
         if base is not None:
             colors[label] = BASELINE_COLORS[base]
         elif alpha is not None and alpha > 0:

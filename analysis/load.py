@@ -31,12 +31,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from poweropd.config import reward_label
+from analysis.labels import method_sort_key
+from poweropd.objectives import method_label
+from poweropd.tracking import flatten
 
 SKIP_DIRS = {".hydra", "checkpoints", "student", "eval", "wandb", "figures", "tables", "__pycache__"}
 # Keys that differ between repeats of one configuration without changing it.
 NOT_CONFIG = ("seed", "output_root", "model_pair.cache_dir", "training.data_dir", "logger.")
-PAPER_ORDER = ("Teacher", "Student", "Full-vocab", "Vanilla", "+ Clip", "+ Tanh", "+ Z-Score", "PowerOPD")
 
 
 @dataclass
@@ -48,31 +49,6 @@ class RunSet:
     @property
     def finished(self) -> pd.DataFrame:
         return self.runs[self.runs["finished"] & (self.runs["kind"] == "run")]
-
-
-def method_sort_key(label: str) -> tuple:
-    """Paper order: references, Full-vocab, Vanilla, the post-hoc baselines, PowerOPD by alpha."""
-    for i, prefix in enumerate(PAPER_ORDER):
-        if label.startswith(prefix):
-            alpha = label.split("α=")[1].split()[0] if "α=" in label else "0"
-            try:
-                return (i, float(alpha), label)
-            except ValueError:
-                return (i, 0.0, label)
-    return (len(PAPER_ORDER), 0.0, label)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, list):
-            out[name] = json.dumps(value)
-        else:
-            out[name] = value
-    return out
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -187,7 +163,7 @@ def _load_run(run_dir: Path, root: Path, problems: list[str]) -> tuple[dict, lis
         "finished": finished,
         "status": summary.get("status", "unfinished") if summary else "unfinished",
         "command": _command(run_dir),
-        "method": reward_label({k: v for k, v in config.items() if k.startswith("reward.")}),
+        "method": method_label({k: v for k, v in config.items() if k.startswith("reward.")}),
         **config,
         **{f"summary.{k}": v for k, v in summary.items() if not isinstance(v, (list, dict))},
         **_eval_columns(run_dir, problems),
@@ -337,7 +313,7 @@ def load_wandb(project: str, entity: str | None = None, api=None) -> RunSet:
                 "finished": wrun.state == "finished",
                 "status": wrun.state,
                 "command": "",
-                "method": reward_label({k: v for k, v in config.items() if k.startswith("reward.")}),
+                "method": method_label({k: v for k, v in config.items() if k.startswith("reward.")}),
                 **config,
                 **{f"summary.{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))},
             }

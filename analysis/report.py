@@ -23,6 +23,7 @@ from analysis import claims as claims_mod
 from analysis import tables
 from analysis.load import RunSet, load_runs, load_wandb
 from poweropd.flops import paper_table4_flops
+from poweropd.objectives import paper_objectives
 
 PAPER_TABLE4 = {"time_s": (22.14, 9.03), "mem_gib": (78.99, 60.72)}  # full-vocab, PowerOPD (Qwen3-4B -> 0.6B)
 
@@ -180,16 +181,13 @@ def build_report(
     return path
 
 
-PAPER_OBJECTIVES = ("vanilla", "clip", "tanh", "zscore", "power", "full_vocab")
-
-
 def is_paper_row(run: pd.Series) -> bool:
     """A run of one of the paper's six objectives with its per-token rewards (or a reference
     model). Reward-to-go, task rewards and every other objective are beyond the paper."""
     if run.get("kind") != "run":
         return True
     off = lambda key: pd.isna(run.get(key)) or float(run.get(key)) == 0.0  # noqa: E731 - absent in old runs
-    return run.get("reward.name") in PAPER_OBJECTIVES and off("reward.gamma") and off("reward.task_weight")
+    return run.get("reward.name") in paper_objectives() and off("reward.gamma") and off("reward.task_weight")
 
 
 def split_beyond(runset: RunSet) -> tuple[RunSet, pd.DataFrame]:

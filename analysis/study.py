@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import RunSet, load_runs, method_sort_key
+from analysis.labels import method_sort_key
+from analysis.load import RunSet, load_runs
 
 VAL_LAST = 3  # validations averaged into a run's final validation score
 TEST_SUITE, TEST_BENCH = "toy", "toy_test"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis.load import method_sort_key
+from analysis.labels import method_sort_key
 from poweropd.flops import arch_of, update_flops
 
 METRICS = (("avg_at_n", "Avg"), ("pass_at_n", "Pass"), ("length", "Len"))

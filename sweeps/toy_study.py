@@ -49,9 +49,11 @@ def main() -> int:
     parser.add_argument("--out", default="docs/toy_study", help="report folder")
     parser.add_argument("--study", default=STUDY, help="where the runs and evaluations go")
     parser.add_argument("--lr", default=None, help="skip the calibration and use this learning rate")
-    parser.add_argument("--methods", default=None, help="study experiments, comma-separated (default: all 13)")
+    parser.add_argument(
+        "--methods", default=None, help="study methods (conf/method/), comma-separated (default: all 13)"
+    )
     parser.add_argument("--seeds", default=None, help="study seeds, comma-separated (default: 0,1,2)")
-    parser.add_argument("--calibration-methods", default=None, help="calibration experiments (default: six)")
+    parser.add_argument("--calibration-methods", default=None, help="calibration methods (conf/method/; default: six)")
     parser.add_argument("--lrs", default=None, help="calibration learning rates (default: 1e-4,3e-4,1e-3,3e-3)")
     parser.add_argument("--eval-args", default="", help="extra evaluate.py overrides, space-separated")
     parser.add_argument("--no-beyond", action="store_true", help="skip the beyond-the-paper objectives")
@@ -63,7 +65,7 @@ def main() -> int:
 
     lr = args.lr
     if lr is None:
-        grid = [f"experiment={args.calibration_methods}"] if args.calibration_methods else []
+        grid = [f"method={args.calibration_methods}"] if args.calibration_methods else []
         grid += [f"training.lr={args.lrs}"] if args.lrs else []
         stage(
             "calibrate the shared learning rate (validation split)",
@@ -83,7 +85,7 @@ def main() -> int:
             capture=True,
         )
         lr = out.strip().splitlines()[-1]
-    grid = [f"experiment={args.methods}"] if args.methods else []
+    grid = [f"method={args.methods}"] if args.methods else []
     grid += [f"seed={args.seeds}"] if args.seeds else []
     stage(
         f"train every method at lr {lr}",

@@ -1,4 +1,5 @@
-"""Shared fixtures: a micro toy pair built in seconds, and Hydra composition helpers."""
+"""Shared fixtures: a micro toy pair built in seconds, Hydra composition helpers, and the
+fast tier (`python -m pytest --fast`: everything but the `e2e` and `vllm` tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="the development loop: leave out e2e (whole runs, subprocesses) and vllm (real engine) tests",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    kept, left = [], []
+    for item in items:
+        (left if item.get_closest_marker("e2e") or item.get_closest_marker("vllm") else kept).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
+
+
 CONF_DIR = ROOT / "conf"
 
 # A pair small enough to build in a few seconds: it is not accurate, it only has to run.

@@ -17,8 +17,8 @@ from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
 from analysis.claims import check_claims
 from analysis.load import RunSet, load_runs, load_wandb
 from analysis.tables import efficiency_markdown, efficiency_rows, ranks, results_table, to_latex, to_markdown
-from poweropd.config import method_label
 from poweropd.flops import QWEN3, arch_from_hf_config, paper_table4_flops, update_flops
+from poweropd.objectives import method_label
 
 BENCH = ("gsm8k", "math500", "amc23", "aime24", "aime25", "minerva", "olympiadbench")
 
@@ -136,7 +136,9 @@ def test_labels_tell_apart_groups_of_one_method(tmp_path):
 
 
 def test_method_labels_follow_the_paper():
-    assert [method_label(n, 500.0) for n in ("vanilla", "clip", "tanh", "zscore", "full_vocab", "power")] == [
+    assert [
+        method_label({"name": n, "alpha": 500.0}) for n in ("vanilla", "clip", "tanh", "zscore", "full_vocab", "power")
+    ] == [
         "Vanilla",
         "+ Clip",
         "+ Tanh",
@@ -144,7 +146,7 @@ def test_method_labels_follow_the_paper():
         "Full-vocab",
         "PowerOPD α=500",
     ]
-    assert method_label("power", 0.1) == "PowerOPD α=0.1"
+    assert method_label({"name": "power", "alpha": 0.1}) == "PowerOPD α=0.1"
 
 
 def test_results_table_averages_seeds_marks_best_and_explains_missing_cells(sweep):
@@ -269,6 +271,7 @@ def test_wandb_runs_load_into_the_same_frames():
     assert sorted(rs.curves["metric"]) == ["grad_norm", "grad_norm", "val/accuracy"]
 
 
+@pytest.mark.e2e
 def test_report_on_synthetic_runs_embeds_every_figure_and_table(sweep, tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(
@@ -290,6 +293,7 @@ def test_report_on_synthetic_runs_embeds_every_figure_and_table(sweep, tmp_path)
     assert "corrupted or partial line" in report
 
 
+@pytest.mark.e2e
 def test_report_refuses_a_missing_folder(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "analysis.report", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True
@@ -297,6 +301,7 @@ def test_report_refuses_a_missing_folder(tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr
 
 
+@pytest.mark.e2e
 def test_report_on_a_real_micro_toy_sweep(tmp_path, toy_cache):
     sweep = tmp_path / "sweep"
     train = subprocess.run(

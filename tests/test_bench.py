@@ -30,17 +30,20 @@ def bench(tmp_path, *args):
     return result
 
 
+@pytest.mark.e2e
 def test_kernel_benchmark_runs_small_and_writes_json_and_markdown(tmp_path):
     result = bench(tmp_path, "kernels", "--tokens", "64", "--vocab", "500", "--hidden", "8", "--chunk", "16")
     assert {(r["kind"], r["tokens"]) for r in result["rows"]} == {("naive", 64), ("chunked", 64), ("fused", 64)}
     assert all(r["time_s"] > 0 and r["peak_mem_gb"] > 0 for r in result["rows"])
 
 
+@pytest.mark.e2e
 def test_old_benchmark_name_still_works(tmp_path):
     result = bench(tmp_path, "logprobs", "--tokens", "32", "--vocab", "300", "--hidden", "8", "--kinds", "chunked")
     assert [r["kind"] for r in result["rows"]] == ["chunked"]
 
 
+@pytest.mark.e2e
 def test_step_benchmark_compares_both_methods_on_the_same_rollouts(tmp_path):
     result = bench(tmp_path, "step", "--shapes", "tiny", "--batch", "2", "--response", "12", "--prompt", "6")
     by = {r["reward"]: r for r in result["rows"]}
@@ -51,6 +54,7 @@ def test_step_benchmark_compares_both_methods_on_the_same_rollouts(tmp_path):
     assert "| sampled / full-vocab |" in result["table"]
 
 
+@pytest.mark.e2e
 def test_scaling_benchmark_reports_time_beside_flops(tmp_path):
     result = bench(
         tmp_path,
@@ -85,6 +89,7 @@ def test_scaling_benchmark_reports_time_beside_flops(tmp_path):
     assert rows[1]["executed_tflops"] > rows[0]["executed_tflops"]
 
 
+@pytest.mark.e2e
 def test_overhead_benchmark_times_both_loops(tmp_path, toy_cache):
     # the micro pair: build it through a normal run first, then point the benchmark at it
     from conftest import make_config
@@ -139,6 +144,7 @@ def test_tables_say_what_was_skipped():
         (["overhead", "--toy", "teacher.layrs=1"], "the toy pair has no field 'teacher.layrs'"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, message):
     done = subprocess.run(
         [sys.executable, "-m", "poweropd.bench", *args, "--cpu", "--json", str(tmp_path / "out.json")],

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from poweropd.benchmarks import BENCHMARKS, SUITES, get_benchmark, hub_row, load_benchmark, read_jsonl, suite_benchmarks
-from poweropd.config import VAL_DATA, ConfigError
+from poweropd.config import VAL_DATA
+from poweropd.errors import ConfigError
 
 SHARED_DATA = Path(os.environ.get("POWEROPD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PAPER_SIZES = {

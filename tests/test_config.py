@@ -10,13 +10,9 @@ import sys
 import pytest
 from conftest import CONF_DIR, ROOT, compose, make_config
 
-from poweropd.config import (
-    REWARD_NAMES,
-    ConfigError,
-    check_overrides,
-    cli_overrides,
-    group_options,
-)
+from poweropd.cli import check_overrides, cli_overrides, group_options
+from poweropd.errors import ConfigError
+from poweropd.objectives import objective_names
 
 
 def test_defaults_compose_to_the_toy_vanilla_run():
@@ -26,7 +22,7 @@ def test_defaults_compose_to_the_toy_vanilla_run():
     assert cfg.reward.loss_agg == "token_mean" and cfg.logger.name == "local"
 
 
-@pytest.mark.parametrize("group", ["model_pair", "reward", "training", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["model_pair", "reward", "method", "training", "logger", "experiment"])
 def test_every_group_option_composes(group):
     options = group_options(CONF_DIR, group)
     assert options, f"conf/{group} is empty"
@@ -38,8 +34,8 @@ def test_every_group_option_composes(group):
 
 
 def test_reward_group_covers_every_method():
-    assert set(group_options(CONF_DIR, "reward")) == set(REWARD_NAMES)
-    for name in REWARD_NAMES:
+    assert set(group_options(CONF_DIR, "reward")) == set(objective_names())
+    for name in objective_names():
         assert make_config([f"reward={name}"]).reward.name == name
 
 
@@ -146,6 +142,7 @@ def test_compose_keeps_the_schema_strict():
         make_config(["+model_pair.toy.teacher.depth=3"])
 
 
+@pytest.mark.e2e
 def test_run_py_reports_bad_input_in_one_line(tmp_path):
     """The real entry point: exit code 2, one `error:` line, no traceback, nothing written."""
     cases = [

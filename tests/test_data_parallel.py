@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
 
+pytestmark = pytest.mark.e2e  # whole runs and multi-process launches (python -m pytest --fast leaves them out)
+
 TORCHRUN = shutil.which("torchrun") or ""
 
 

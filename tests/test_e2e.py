@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT, kill_after_checkpoint
 
+pytestmark = pytest.mark.e2e  # whole runs and multi-process launches (python -m pytest --fast leaves them out)
+
 STEP_KEYS = {
     "loss",
     "grad_norm",

@@ -11,7 +11,7 @@ from math import comb
 import pytest
 from conftest import CONF_DIR, MICRO_PAIR, MICRO_TRAINING, ROOT
 
-from poweropd.config import ConfigError
+from poweropd.errors import ConfigError
 from poweropd.evaluation import benchmark_metrics, pass_at_k, suite_mean
 
 
@@ -85,6 +85,7 @@ def evaluate_cli(*overrides: str, cwd=ROOT) -> subprocess.CompletedProcess:
 MICRO_EVAL = ["eval.n=2", "eval.limit=6", "eval.max_new_tokens=16", "eval.batch_size=8"]
 
 
+@pytest.mark.e2e
 def test_evaluate_a_pair_model_writes_the_contract(tmp_path, toy_cache):
     common = [*MICRO_PAIR, f"model_pair.cache_dir={toy_cache}", f"output_root={tmp_path}", *MICRO_EVAL]
     done = evaluate_cli("model=teacher", *common)
@@ -111,6 +112,7 @@ def test_evaluate_a_pair_model_writes_the_contract(tmp_path, toy_cache):
     assert (folder / "toy" / "toy_test.samples.jsonl").stat().st_mtime_ns == before
 
 
+@pytest.mark.e2e
 def test_an_interrupted_suite_redoes_only_the_unfinished_benchmarks(tmp_path, toy_cache):
     common = [*MICRO_PAIR, f"model_pair.cache_dir={toy_cache}", f"output_root={tmp_path}", *MICRO_EVAL]
     both = "eval.benchmarks=[toy_val,toy_test]"
@@ -132,6 +134,7 @@ def test_an_interrupted_suite_redoes_only_the_unfinished_benchmarks(tmp_path, to
     assert second["mean"] == first["mean"]
 
 
+@pytest.mark.e2e
 def test_evaluate_a_training_run_uses_its_saved_pair(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     train = subprocess.run(
@@ -175,6 +178,7 @@ def test_evaluate_a_training_run_uses_its_saved_pair(tmp_path, toy_cache):
         ("run_dir=/nonexistent/run", "holds no run_config.json"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_evaluate_input_is_one_line(override, expected, tmp_path):
     done = evaluate_cli(override, f"output_root={tmp_path}", f"model_pair.cache_dir={tmp_path / 'cache'}")
     assert done.returncode == 2
@@ -217,6 +221,7 @@ def compose_eval(overrides):
 # The lm-eval backend gives the same answers as ours
 
 
+@pytest.mark.e2e
 def test_lm_eval_backend_matches_the_hf_backend_greedy(tmp_path, toy_cache):
     common = [
         *MICRO_PAIR,

@@ -198,6 +198,7 @@ def test_symlog_only_when_extremes_dwarf_the_band():
 # Every figure: written on data, nothing on empty input
 
 
+@pytest.mark.e2e
 def test_fig2a_and_fig2b_write_png_and_pdf(tmp_path):
     dump = synthetic_dump()
     assert_written(
@@ -210,6 +211,7 @@ def test_fig2a_and_fig2b_write_png_and_pdf(tmp_path):
     assert_written(figures.fig2a_reward_histogram(no_reward, tmp_path, name="a2"), tmp_path, "a2")
 
 
+@pytest.mark.e2e
 def test_fig2c_fig3_fig4_fig6_write_png_and_pdf(tmp_path):
     runs, curves = synthetic_runs(METHODS + EXTRA_ALPHAS)
     assert_written(figures.fig2c_reward_band(runs, curves, tmp_path), tmp_path, "fig2c_reward_band")
@@ -300,14 +302,17 @@ def test_sampled_token_weights_of_the_other_objectives():
     assert mags["KL k3 loss"][-1, 0] > 1e3  # unbounded where the teacher is sure and the student is not
 
 
+@pytest.mark.e2e
 def test_fig5_sampled_token_heatmaps(tmp_path):
     assert_written(heatmaps.fig5_sampled_token_heatmaps(tmp_path, resolution=30), tmp_path, "fig5_heatmaps_beyond")
 
 
+@pytest.mark.e2e
 def test_fig5_heatmaps(tmp_path):
     assert_written(heatmaps.fig5_heatmaps(tmp_path, alphas=(0.1, 5.0), resolution=40), tmp_path, "fig5_heatmaps")
 
 
+@pytest.mark.e2e
 def test_heatmap_cli_without_torch(tmp_path):
     out = tmp_path / "figs"
     cmd = [sys.executable, "-m", "analysis.heatmaps", "--out", str(out), "--alphas", "1", "500", "--resolution", "50"]
@@ -323,3 +328,85 @@ def test_heatmap_cli_without_torch(tmp_path):
     probe = "import sys, analysis.heatmaps, analysis.figures; print('torch' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert imported.stdout.strip() == "False", imported.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# What the figures show: series, labels, axis scales and the numbers behind the lines
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    """Every figure handed to save_figure, by name (kept open for inspection)."""
+    drawn = {}
+    original = figures.save_figure
+
+    def keep(fig, out_dir, name):
+        drawn[name] = fig
+        paths = original(fig, out_dir, name)
+        return paths
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    monkeypatch.setattr(figures.plt, "close", lambda *a: None)  # keep the figure alive for the asserts
+    yield drawn
+    matplotlib.pyplot.close("all")
+
+
+def lines_of(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_fig3_shows_each_methods_seed_mean_accuracy_in_table_order(tmp_path, shown):
+    runs, curves = synthetic_runs(METHODS + EXTRA_ALPHAS)
+    figures.fig3_accuracy_length(runs, curves, tmp_path)
+    fig = shown["fig3_accuracy_length"]
+    acc, length = fig.axes[:2]
+    assert acc.get_ylabel() == "accuracy (%)" and acc.get_xlabel() == "training step"
+    assert length.get_ylabel() == "tokens" and (acc.get_yscale(), length.get_yscale()) == ("linear", "linear")
+    labels = ["Vanilla", "+ Clip", "PowerOPD α=5", "PowerOPD α=500"]
+    assert list(lines_of(acc)) == labels == [t.get_text() for t in fig.legends[0].get_texts()]
+    order = {"Vanilla": 0, "+ Clip": 1, "PowerOPD α=500": 2, "PowerOPD α=5": 3}  # k in synthetic_runs
+    for label, line in lines_of(acc).items():
+        x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+        assert list(x) == [0, 5, 10, 15, 20]
+        expected = 100 * (0.3 + 0.002 * x * (1 + order[label]) + 0.01)  # the mean of seeds 0 and 1, in %
+        np.testing.assert_allclose(y, expected, rtol=1e-9)
+    assert len(acc.collections) == 4  # one seed band per method
+
+
+def test_fig6_is_the_pre_clip_norm_on_a_log_axis_and_vanilla_is_on_top(tmp_path, shown):
+    runs, curves = synthetic_runs()
+    figures.fig6_grad_norm(runs, curves, tmp_path)
+    ax = shown["fig6_grad_norm"].axes[0]
+    assert ax.get_yscale() == "log" and "pre-clip" in ax.get_ylabel()
+    series = lines_of(ax)
+    assert set(series) == {"Vanilla", "+ Clip", "PowerOPD α=500"}
+    assert len(series["Vanilla"].get_xdata()) == STEPS
+    assert min(series["Vanilla"].get_ydata()) > max(series["PowerOPD α=500"].get_ydata())
+
+
+def test_fig4_puts_alpha_on_a_log_axis(tmp_path, shown):
+    runs, curves = synthetic_runs(METHODS + EXTRA_ALPHAS)
+    figures.fig4_alpha_sweep(runs, curves, tmp_path)
+    axes = shown["fig4_alpha_sweep"].axes
+    over_alpha = [ax for ax in axes if ax.get_xlabel() == "α"]
+    assert len(over_alpha) == 2 and all(ax.get_xscale() == "log" for ax in over_alpha)
+    xs = {float(x) for ax in over_alpha for line in ax.get_lines() for x in line.get_xdata()}
+    assert {5.0, 500.0} <= xs  # the two PowerOPD alphas of the runs
+
+
+def test_fig2a_histograms_the_log_ratio_and_each_alphas_power_reward(tmp_path, shown):
+    figures.fig2a_reward_histogram(synthetic_dump(), tmp_path, alphas=(1.0, 5.0))
+    log_ax, power_ax = shown["fig2a_reward_histogram"].axes[:2]
+    assert "log-ratio" in log_ax.get_xlabel() and log_ax.get_yscale() == "log"
+    assert [t.get_text() for t in power_ax.get_legend().get_texts()] == ["α=1", "α=5"]
+    lo, hi = power_ax.get_xlim()
+    assert -1.05 <= lo and hi <= 1.05  # the power reward is bounded in [-1, 1]
+
+
+def test_fig2c_bands_are_symlog_when_the_extremes_dwarf_the_band(tmp_path, shown):
+    runs, curves = synthetic_runs()
+    figures.fig2c_reward_band(runs, curves, tmp_path)
+    fig = shown["fig2c_reward_band"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["p5-p95", "max", "min", "mean"]
+    drawn = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(drawn) == 3 and all(ax.get_yscale() == "symlog" for ax in drawn)  # vanilla's tail reaches -40

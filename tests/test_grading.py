@@ -254,6 +254,7 @@ def test_different_answers_do_not_match(pred, ref, meta):
     assert answers_match(pred, ref, meta) is False
 
 
+@pytest.mark.e2e
 def test_grader_agrees_with_answers_match_on_the_tables(grader):
     items = [(f"Final: $\\boxed{{{p}}}$", r, m) for p, r, m in TRUE_POSITIVES + FALSE_POSITIVES if p.strip()]
     grades = grader.grade_many(items)
@@ -333,6 +334,7 @@ PATHOLOGICAL = [
 
 
 @pytest.mark.parametrize("response", [c[1] for c in PATHOLOGICAL], ids=[c[0] for c in PATHOLOGICAL])
+@pytest.mark.e2e
 def test_pathological_inputs_are_time_bounded(grader, response):
     start = time.perf_counter()
     grade = grader.grade(response, "1")
@@ -344,6 +346,7 @@ def test_pathological_inputs_are_time_bounded(grader, response):
     assert grader.grade("so \\boxed{\\sqrt{4}}", "2") == Grade("\\sqrt{4}", True, "correct")
 
 
+@pytest.mark.e2e
 def test_timeout_kills_and_reaps_the_worker(grader):
     grader.grade("\\boxed{\\sqrt{9}}", "3")  # make sure a worker is running
     pid = grader._worker.proc.pid
@@ -355,6 +358,7 @@ def test_timeout_kills_and_reaps_the_worker(grader):
     assert grader.grade("\\boxed{\\sqrt{9}}", "3").correct
 
 
+@pytest.mark.e2e
 def test_graders_can_be_created_repeatedly_without_leftover_processes():
     pids = []
     for _ in range(3):
@@ -404,6 +408,7 @@ def test_perturbation_changes_the_value(answer, meta, expected):
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.e2e
 def test_sample_self_check_and_perturbation(name, grader):
     rows = _rows(name, limit=50)
     items, wrong = [], []

@@ -44,22 +44,22 @@ class Injector:
 
     def __init__(self, monkeypatch, teacher=None, student=None, steps=None):
         self.step, self.teacher, self.student, self.steps = 0, teacher, student, steps
-        original_step, original_score, original_setup = train_mod.opd_step, train_mod.teacher_score, train_mod.setup_run
+        original_step, original_score, original_setup = train_mod.opd_step, train_mod.score_teacher, train_mod.setup_run
 
         def opd_step(run, rows):
             self.step += 1
             return original_step(run, rows)
 
-        def teacher_score(*args, **kwargs):
-            lT_N, hT_ND = original_score(*args, **kwargs)
+        def score_teacher(*args, **kwargs):
+            out = original_score(*args, **kwargs)
             if self.active() and self.teacher is not None:
-                if lT_N is not None:
-                    lT_N = lT_N.clone()
-                    lT_N[:2] = self.teacher
+                if out.lT_N is not None:
+                    out.lT_N = out.lT_N.clone()
+                    out.lT_N[:2] = self.teacher
                 else:  # full-vocab: the teacher's hidden states feed its own logits
-                    hT_ND = hT_ND.clone()
-                    hT_ND[:2] = self.teacher
-            return lT_N, hT_ND
+                    out.hidden_ND = out.hidden_ND.clone()
+                    out.hidden_ND[:2] = self.teacher
+            return out
 
         def setup_run(*args, **kwargs):
             run = original_setup(*args, **kwargs)
@@ -76,7 +76,7 @@ class Injector:
             return run
 
         monkeypatch.setattr(train_mod, "opd_step", opd_step)
-        monkeypatch.setattr(train_mod, "teacher_score", teacher_score)
+        monkeypatch.setattr(train_mod, "score_teacher", score_teacher)
         monkeypatch.setattr(train_mod, "setup_run", setup_run)
 
     def active(self) -> bool:
@@ -151,6 +151,7 @@ def test_a_skipped_update_leaves_weights_and_optimizer_untouched(tmp_path, toy_c
     assert seen[2] is True and seen[1] is False and seen[3] is False  # only the skipped update changed nothing
 
 
+@pytest.mark.e2e
 def test_persistent_faults_stop_the_run_cleanly_and_it_resumes(tmp_path, toy_cache, monkeypatch, caplog):
     run_dir = tmp_path / "run"
     cfg = _config(tmp_path, toy_cache, "power", "training.steps=6", "training.save_every=1")

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, MICRO_PAIR, MICRO_TRAINING, ROOT
 
-from poweropd.config import REWARD_NAMES, ConfigError, check_every_job
+from poweropd.cli import check_every_job
+from poweropd.errors import ConfigError
+from poweropd.objectives import objective_names
 from poweropd.tracking import write_json_atomic
 
 
@@ -45,6 +47,7 @@ def _one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
         ("model_pair.cache_dir=/proc/nope", "cannot write the toy pair's cache folder /proc/nope"),
     ],
 )
+@pytest.mark.e2e
 def test_a_refused_run_leaves_no_directory(tmp_path, override, needle):
     run_dir = tmp_path / "run"
     extra = ["reward=power"] if "alpha" in override else []
@@ -53,6 +56,7 @@ def test_a_refused_run_leaves_no_directory(tmp_path, override, needle):
     assert not run_dir.exists()
 
 
+@pytest.mark.e2e
 def test_a_refused_run_after_hydra_made_the_directory_is_removed(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     done = run_py(
@@ -66,6 +70,7 @@ def test_a_refused_run_after_hydra_made_the_directory_is_removed(tmp_path, toy_c
     assert not run_dir.exists()
 
 
+@pytest.mark.e2e
 def test_a_missing_model_path_says_so(tmp_path):
     done = run_py(
         "model_pair=custom",
@@ -77,6 +82,7 @@ def test_a_missing_model_path_says_so(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_every_multirun_value_is_checked_before_the_first_job(tmp_path):
     sweep = tmp_path / "sweep"
     done = run_py("-m", "reward=power", "reward.alpha=1,-1,5", f"hydra.sweep.dir={sweep}")
@@ -84,9 +90,10 @@ def test_every_multirun_value_is_checked_before_the_first_job(tmp_path):
     assert not sweep.exists()
 
 
+@pytest.mark.e2e
 def test_sweep_functions_expand_like_hydra(monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert check_every_job(["-m", "reward=glob(*,exclude=full_vocab)"], CONF_DIR) == len(REWARD_NAMES) - 1
+    assert check_every_job(["-m", "reward=glob(*,exclude=full_vocab)"], CONF_DIR) == len(objective_names()) - 1
     assert check_every_job(["-m", "seed=range(0,3)", "reward=vanilla,power"], CONF_DIR) == 6
     assert check_every_job(["-m", "reward=power", "reward.alpha=choice(1,5)"], CONF_DIR) == 2
     assert check_every_job(["-m", "reward=power", "reward.alpha=interval(0.1,1)"], CONF_DIR) == 0  # Hydra's call
@@ -95,6 +102,7 @@ def test_sweep_functions_expand_like_hydra(monkeypatch):
         check_every_job(["-m", "reward=power", "reward.alpha=range(-1,2)"], CONF_DIR)
 
 
+@pytest.mark.e2e
 def test_a_glob_sweep_runs(tmp_path, toy_cache):
     sweep = tmp_path / "sweep"
     done = run_py(
@@ -111,6 +119,7 @@ def test_a_glob_sweep_runs(tmp_path, toy_cache):
     assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0_toy_vanilla_seed0"]
 
 
+@pytest.mark.e2e
 def test_shell_completion_still_works():
     done = run_py("-sc", "install=bash")
     assert done.returncode == 0 and "complete" in done.stdout, done.stderr
@@ -130,6 +139,7 @@ def test_analysis_does_not_count_refused_directories(tmp_path):
     assert load_runs(tmp_path).runs.empty
 
 
+@pytest.mark.e2e
 def test_a_run_with_a_recorded_config_refuses_another_before_its_first_checkpoint(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     base = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", f"hydra.run.dir={run_dir}"]
@@ -144,6 +154,7 @@ def test_a_run_with_a_recorded_config_refuses_another_before_its_first_checkpoin
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config
 
 
+@pytest.mark.e2e
 def test_restarting_a_finished_run_leaves_its_hydra_files_alone(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     base = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", f"hydra.run.dir={run_dir}"]
@@ -175,6 +186,7 @@ def test_two_writers_of_one_file_never_collide(tmp_path):
     assert [p.name for p in Path(tmp_path).iterdir()] == ["toy.json"]  # no temporary left over
 
 
+@pytest.mark.e2e
 def test_evaluate_py_gets_the_same_pre_check(tmp_path):
     def evaluate_py(*args):
         return subprocess.run(

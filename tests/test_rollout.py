@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import MICRO_PAIR, make_config
 
-from poweropd.config import ConfigError
-from poweropd.models import StudentScorer, check_pair, load_pair, teacher_score
-from poweropd.rollout import SamplingParams, chat_prompts, completion_masks, generate, generation_config, left_pad
+from poweropd.errors import ConfigError
+from poweropd.generation import SamplingParams, chat_prompts, completion_masks, left_pad
+from poweropd.hf_engine import generate, generation_config
+from poweropd.models import StudentScorer, check_pair, load_pair, score_teacher
 
 PROBLEMS = ["Ann has 3 pens and buys 4 more. How many now?", "Bo has 12 cups. How many now?", "Cy?", "Di has 5."]
 
@@ -83,7 +84,7 @@ def test_scoring_agrees_with_generation(micro_pair):
         got = StudentScorer(pair.student, chunk=5)(full_ids, full_mask, ids.shape[1], valid)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # the teacher path uses the same gather / positions
-    lT, _ = teacher_score(pair.student, full_ids, full_mask, ids.shape[1], valid, chunk=3)
+    lT = score_teacher(pair.student, "logprobs", full_ids, full_mask, ids.shape[1], valid, chunk=3).lT_N
     torch.testing.assert_close(lT, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -161,7 +162,7 @@ def test_toy_pair_is_a_qwen3_pair(micro_pair):
 def test_hf_engine_generates_in_the_runs_precision(micro_pair):
     """Under the paper's bf16 setting the rollouts are sampled under bf16 autocast (the
     scorer's precision), not in the fp32 of the master weights."""
-    from poweropd.rollout import HFEngine
+    from poweropd.hf_engine import HFEngine
 
     _, pair = micro_pair
     seen = []
@@ -177,21 +178,3 @@ def test_hf_engine_generates_in_the_runs_precision(micro_pair):
     finally:
         hook.remove()
     assert next(pair.student.parameters()).dtype == torch.float32  # master weights untouched
-
-
-def test_generation_module_has_no_engine_imports_and_no_cycle():
-    """evaluation and lm_eval_backend import the shared interface, not each other."""
-    import ast
-    from pathlib import Path
-
-    src = Path(__file__).resolve().parents[1] / "src" / "poweropd"
-
-    def imports(name):
-        tree = ast.parse((src / f"{name}.py").read_text())
-        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-
-    assert "poweropd.evaluation" not in imports("lm_eval_backend")
-    assert not {m for m in imports("generation") if m.startswith("poweropd.") and m != "poweropd.generation"} - {
-        "poweropd.rollout",
-        "poweropd.vllm_engine",
-    }

@@ -114,6 +114,7 @@ def test_the_best_power_alpha_is_chosen_by_validation_not_by_test():
     assert vs_vanilla.a == "PowerOPD α=1" and vs_vanilla.verdict.startswith("reversed")
 
 
+@pytest.mark.e2e
 def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
     """sweeps/toy_study.py on the micro pair, shrunk to 2 x 2 calibration runs and 2 x 2 study
     runs: calibration, the lr choice, training at that lr, evaluation, the report."""
@@ -133,9 +134,9 @@ def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
             str(study),
             "--out",
             str(out),
-            "--calibration-methods=toy_vanilla,toy_power5",
+            "--calibration-methods=vanilla,power5",
             "--lrs=1e-4,1e-3",
-            "--methods=toy_vanilla,toy_power5",
+            "--methods=vanilla,power5",
             "--seeds=0,1",
             "--eval-args=eval.n=2 eval.limit=8 eval.max_new_tokens=8",
             "--",

@@ -1,9 +1,8 @@
-"""Experiment presets, sweep files and launchers: everything composes, sweeps only real keys,
+"""Experiment (pair x scale) presets, sweep files and launchers: everything composes, sweeps only real keys,
 and a micro multirun goes through the basic and the joblib launchers into a report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from conftest import CONF_DIR, MICRO_PAIR, MICRO_TRAINING, ROOT
 
-from poweropd.config import check_overrides
+from poweropd.cli import check_overrides
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -29,16 +28,6 @@ def compose_from(config_dir: Path, name: str, overrides: list[str]):
         return compose(config_name=name, overrides=overrides, return_hydra_config=True)
 
 
-def test_the_committed_presets_are_what_the_generator_writes():
-    spec = importlib.util.spec_from_file_location("make_presets", ROOT / "sweeps" / "make_experiment_presets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    expected = module.expected_presets()
-    assert len(expected) == 5 * 13
-    for name, text in expected.items():
-        assert (CONF_DIR / "experiment" / name).read_text() == text, name
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_composes_and_validates(preset):
     from conftest import make_config
@@ -48,8 +37,10 @@ def test_every_experiment_preset_composes_and_validates(preset):
         tc = run.training
         assert (tc.steps, tc.batch_size, tc.lr, tc.max_new_tokens) == (1500, 32, 5e-7, 1024)
         assert run.model_pair.kind == "hf" and run.model_pair.teacher.startswith("Qwen/Qwen3-")
-    if preset.endswith(("_power0.1", "_power500")):
-        assert run.reward.name == "power" and run.reward.alpha == float(preset.rsplit("power", 1)[1])
+    assert run.reward.name == "vanilla"  # a pair x scale preset leaves the objective to reward= / method=
+    if preset.startswith("paper_"):
+        row = make_config([f"experiment={preset}", "method=power0.1"])
+        assert (row.reward.name, row.reward.alpha, row.training) == ("power", 0.1, run.training)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
@@ -88,6 +79,7 @@ def micro_sweep(sweep_dir: Path, toy_cache: Path, *extra: str) -> subprocess.Com
 
 
 @pytest.mark.parametrize("launcher", ["basic", "cpu_parallel"])
+@pytest.mark.e2e
 def test_micro_multirun_through_each_launcher_to_a_report(tmp_path, toy_cache, launcher):
     sweep = tmp_path / "sweep"
     extra = [] if launcher == "basic" else ["hydra/launcher=cpu_parallel", "training.cpu_threads=1"]
@@ -133,8 +125,9 @@ def test_the_toy_study_covers_every_table_row_with_three_seeds(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = compose_from(ROOT / "sweeps", "toy_study", [])
     params = dict(cfg.hydra.sweeper.params)
-    rows = params["experiment"].split(",")
-    assert len(rows) == 13 and all(r.startswith("toy_") for r in rows)
+    rows = params["method"].split(",")
+    assert len(rows) == 13 and all((CONF_DIR / "method" / f"{r}.yaml").is_file() for r in rows)
+    assert "model_pair" not in params and "experiment" not in params  # the toy pair and scale are the defaults
     assert params["seed"] == "0,1,2"
     assert yaml.safe_load((ROOT / "conf" / "hydra" / "launcher" / "cpu_parallel.yaml").read_text())["n_jobs"] == 2
     assert json.dumps(dict(cfg.hydra.launcher)).count("Joblib") == 1
@@ -148,11 +141,11 @@ def test_the_beyond_sweep_runs_each_new_objective_at_the_studys_seeds(monkeypatc
     monkeypatch.chdir(ROOT)
     cfg = compose_from(ROOT / "sweeps", "toy_beyond", [])
     params = dict(cfg.hydra.sweeper.params)
-    rows = params["experiment"].split(",")
+    rows = params["method"].split(",")
     assert params["seed"] == "0,1,2" and cfg.hydra.sweep.dir == f"{cfg.output_root}/beyond"
     names = set()
     for row in rows:
-        reward = make_config([f"experiment={row}"]).reward
+        reward = make_config([f"method={row}"]).reward
         names.add(reward.name)
         flat = {"kind": "run", **{f"reward.{k}": v for k, v in vars(reward).items()}}
         assert not is_paper_row(flat), row  # lands in the beyond-the-paper table, not in Tables 2/3
@@ -167,6 +160,7 @@ def test_the_slurm_launcher_requeues_and_claims_no_unmeasured_time(monkeypatch):
     assert "fit in a day" not in (CONF_DIR / "hydra" / "launcher" / "slurm_gpu.yaml").read_text()
 
 
+@pytest.mark.e2e
 def test_a_requeued_sweep_job_resumes_from_its_last_checkpoint(tmp_path, toy_cache):
     """What a SLURM requeue does: the job is killed (time limit), then the same job (same
     overrides, same sweep directory) is started again; it must resume, not restart."""

@@ -1,4 +1,4 @@
-"""The trainer's update against a brute-force recomputation of REFERENCE.md section 1:
+"""The trainer's update against a brute-force recomputation of docs/reference.md §1:
 global token-mean policy gradient, stop-token masking, padding that never leaks,
 z-score over the whole batch, the exact full-vocab KL, and a batch with N = 0."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import MICRO_PAIR, MICRO_TRAINING, make_config
 
-from poweropd.rewards import get_reward, masked_moments, zscore
-from poweropd.rollout import Rollouts, chat_prompts, completion_masks, left_pad
+from poweropd.generation import Rollouts, chat_prompts, completion_masks, left_pad
+from poweropd.objectives import get_reward
+from poweropd.rewards import masked_moments, zscore
 from poweropd.train import opd_update, setup_run
 
 PROBLEMS = ["Ann has 3 pens and buys 4 more. How many now?", "Bo has 12 cups. How many now?", "Cy?"]
@@ -224,6 +225,7 @@ def test_one_update_runs_each_model_once_and_projects_only_completion_tokens(
     the weight on completion hidden states only), and exactly the valid completion tokens
     reach the vocabulary projection."""
     import poweropd.models as models
+    import poweropd.objectives as objectives
 
     run = make_run(tmp_path, toy_cache, *overrides)
     calls = {"teacher": 0, "student": 0, "head": 0}
@@ -231,14 +233,19 @@ def test_one_update_runs_each_model_once_and_projects_only_completion_tokens(
         model.get_decoder().register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
         model.get_output_embeddings().register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
     projected = []
-    for kernel in ("sampled_logprobs", "sampled_pg_loss", "full_vocab_kl"):
-        original = getattr(models, kernel)
+    # the kernels are called from models (log-probs) and from the objectives (losses)
+    for module, kernel in (
+        (models, "sampled_logprobs"),
+        (objectives, "sampled_pg_loss"),
+        (objectives, "full_vocab_kl"),
+    ):
+        original = getattr(module, kernel)
 
         def spy(hidden_ND, *args, _original=original, **kwargs):
             projected.append(hidden_ND.shape[0])
             return _original(hidden_ND, *args, **kwargs)
 
-        monkeypatch.setattr(models, kernel, spy)
+        monkeypatch.setattr(module, kernel, spy)
     completions = sample_completions(run, [5, 1, 10, 4, 0], [True, True, False, True, True])
     metrics, _ = opd_update(run, make_rollouts(run, completions, extra_pad=2, after_stop="random"))
     assert calls == {"teacher": teacher_passes, "student": student_passes, "head": 0}

@@ -39,7 +39,7 @@ def engine(micro_pair):
 
 def val_prompts(micro_pair, n: int = 64) -> list[list[int]]:
     from poweropd.data import val_rows
-    from poweropd.rollout import chat_prompts
+    from poweropd.generation import chat_prompts
 
     cfg, pair = micro_pair
     rows = val_rows("toy", n, None)
@@ -55,7 +55,7 @@ def rows_of(rollouts) -> list[list[int]]:
 
 def hf_greedy(model, pair, prompts, max_new: int = 24):
     from poweropd.generation import SamplingParams
-    from poweropd.rollout import generate
+    from poweropd.hf_engine import generate
 
     return generate(model, prompts, SamplingParams(max_new, greedy=True), pair.stop_ids, pair.pad_id)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from poweropd.config import ConfigError
+from poweropd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

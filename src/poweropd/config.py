@@ -13,18 +13,13 @@ Every failure is a `ConfigError` whose message is one line naming the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from poweropd.errors import ConfigError
 from poweropd.toy.spec import ToyPairSpec
 
-REWARD_NAMES = ("vanilla", "clip", "tanh", "zscore", "power", "full_vocab", "box_cox", "jsd", "topk_kl", "kl_loss")
-# Objectives that are a divergence over the whole (or top-k) vocabulary: no sampled-token
-# reward to normalise, discount or mix a task reward into.
-DISTRIBUTION_LOSSES = ("full_vocab", "jsd", "topk_kl")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 NORMALIZE_MODES = ("none", "zscore")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")
@@ -38,10 +33,6 @@ TRAIN_DATA = ("toy", "deepscaler")
 VAL_DATA = ("toy", "none", "math500", "gsm8k", "amc23", "aime24", "aime25", "minerva", "olympiadbench")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
-class ConfigError(ValueError):
-    """A config problem, reported to the user as one line."""
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -64,9 +55,9 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
 @dataclass
 class RewardConfig:
     """The OPD objective. Transform, normalisation, aggregation and stop-token handling
-    are independent knobs; the defaults follow REFERENCE.md section 1."""
+    are independent knobs; the defaults follow docs/reference.md §1."""
 
-    name: str = _help("method: " + " | ".join(REWARD_NAMES), "vanilla")
+    name: str = _help("objective: a name in poweropd.objectives' registry (conf/reward/ has one file each)", "vanilla")
     alpha: float = _help("power: r = pi_T^alpha - pi_theta^alpha, alpha > 0", 5.0)
     clip_low: float = _help("clip: lower bound c_l of clamp(lT - lS, c_l, c_h)", -1.0)
     clip_high: float = _help("clip: upper bound c_h", 1.0)
@@ -81,7 +72,6 @@ class RewardConfig:
     stop_token: str = _help("mask: drop a terminal stop token from reward/loss/N | raw: keep it", "mask")
 
     def __post_init__(self) -> None:
-        _one_of("reward.name", self.name, REWARD_NAMES)
         _one_of("reward.normalize", self.normalize, NORMALIZE_MODES)
         _one_of("reward.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
         _one_of("reward.stop_token", self.stop_token, STOP_TOKEN_MODES)
@@ -103,72 +93,18 @@ class RewardConfig:
             raise ConfigError(f"reward.gamma must be in [0, 1] (got {self.gamma}); 0 = per-token rewards")
         if self.task_weight < 0:
             raise ConfigError(f"reward.task_weight must be >= 0 (got {self.task_weight})")
-        if self.name in DISTRIBUTION_LOSSES:
-            for key, off in (("normalize", "none"), ("gamma", 0.0), ("task_weight", 0.0)):
-                if getattr(self, key) != off:
-                    raise ConfigError(
-                        f"reward={self.name} is a divergence over the vocabulary with no per-token reward, so "
-                        f"reward.{key}={getattr(self, key)} has nothing to act on; use a sampled-token objective "
-                        "(vanilla, power, ...) for it"
-                    )
-        if self.name == "kl_loss" and (self.normalize != "none" or self.gamma != 0):
-            key = "normalize" if self.normalize != "none" else "gamma"
-            raise ConfigError(
-                f"reward=kl_loss back-propagates its estimator directly (no reward), so reward.{key} does not apply; "
-                "use reward=vanilla with it for the policy-gradient form"
-            )
-        if self.name == "vanilla" and self.normalize != "none":
-            raise ConfigError(
-                "reward=vanilla never normalises (reward.normalize must be none); use reward=zscore "
-                "for the z-scored log-ratio"
-            )
-        if self.name == "zscore" and self.normalize != "zscore":
-            raise ConfigError("reward=zscore needs reward.normalize=zscore; use reward=vanilla for the raw log-ratio")
-        if self.name == "full_vocab" and self.normalize != "none":
-            raise ConfigError(
-                "reward=full_vocab is an exact KL loss with no reward to normalise; set reward.normalize=none"
-            )
+        # The objective's own refusals (a knob it cannot act on, vanilla never normalised, ...)
+        # live with its registry entry; this also refuses an unknown name with the valid ones.
+        from poweropd.objectives import check_composition
+
+        check_composition(self)
 
     @property
     def label(self) -> str:
-        """The paper's name for the method (tables and legends)."""
-        return reward_label(dataclasses.asdict(self))
+        """The method's name in tables and legends (poweropd.objectives.method_label)."""
+        from poweropd.objectives import method_label
 
-
-def method_label(name: str, alpha: float | None, **knobs) -> str:
-    """The name of a method in tables and legends: the paper's (Vanilla, + Clip, + Tanh,
-    + Z-Score, Full-vocab, PowerOPD α=...) and the objectives beyond it (JSD β=..., Top-k KL
-    k=..., KL k3 loss, Box-Cox α=...), with " γ=..." / " + task ..." when those are on."""
-    if name == "power":
-        text = f"PowerOPD α={float(alpha):g}"
-    elif name == "box_cox":
-        text = f"Box-Cox α={float(alpha):g}"
-    elif name == "jsd":
-        text = f"JSD β={float(knobs.get('beta', 0.5)):g}"
-    elif name == "topk_kl":
-        text = f"Top-k KL k={int(knobs.get('k', 64))}"
-    elif name == "kl_loss":
-        text = f"KL {knobs.get('estimator', 'k3')} loss"
-    else:
-        text = {
-            "vanilla": "Vanilla",
-            "clip": "+ Clip",
-            "tanh": "+ Tanh",
-            "zscore": "+ Z-Score",
-            "full_vocab": "Full-vocab",
-        }.get(name, name)
-    if float(knobs.get("gamma") or 0):
-        text += f" γ={float(knobs['gamma']):g}"
-    if float(knobs.get("task_weight") or 0):
-        text += f" + task {float(knobs['task_weight']):g}"
-    return text
-
-
-def reward_label(reward: dict) -> str:
-    """method_label of a reward section ({"name": ..., "alpha": ...} or flat "reward.*" keys)."""
-    r = {k.removeprefix("reward."): v for k, v in reward.items()}
-    knobs = {k: v for k, v in r.items() if k not in ("name", "alpha")}
-    return method_label(r.get("name", "?"), r.get("alpha"), **knobs)
+        return method_label(dataclasses.asdict(self))
 
 
 @dataclass
@@ -225,7 +161,7 @@ class VLLMConfig:
 
 @dataclass
 class TrainingConfig:
-    """The OPD loop. `paper` follows REFERENCE.md section 3; `toy` fits 2 CPU cores."""
+    """The OPD loop. `paper` follows docs/reference.md §3; `toy` fits 2 CPU cores."""
 
     steps: int = _help("optimizer updates", 150)
     batch_size: int = _help("rollouts per update, summed over all processes", 32)
@@ -337,7 +273,7 @@ LM_EVAL_MODELS = ("hf", "vllm")
 
 @dataclass
 class EvalConfig:
-    """Benchmark evaluation (REFERENCE.md section 4): n samples per problem, graded by
+    """Benchmark evaluation (docs/reference.md §4): n samples per problem, graded by
     poweropd.grading; Avg@n, Pass@n, pass@k, length. Defaults are the paper's."""
 
     suite: str = _help("auto (toy for the toy pair, math7 otherwise) | math7 | toy | one benchmark name", "auto")
@@ -390,29 +326,6 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def method_tag(name, alpha: float | None = None) -> str:
-    """Short method name for directory names: `power500`, `vanilla`, `jsd0.5`, `topk64`,
-    `kl_k3`, `boxcox5`, plus `_g0.9` / `_task0.5`. Takes the reward section (conf/config.yaml
-    passes ${reward}) or, as before, (name, alpha)."""
-    if not isinstance(name, str):
-        r = dict(name)
-        name, alpha = r["name"], r.get("alpha")
-    else:
-        r = {}
-    tag = {
-        "power": lambda: f"power{float(alpha):g}",
-        "box_cox": lambda: f"boxcox{float(alpha):g}",
-        "jsd": lambda: f"jsd{float(r.get('beta', 0.5)):g}",
-        "topk_kl": lambda: f"topk{int(r.get('k', 64))}",
-        "kl_loss": lambda: f"kl_{r.get('estimator', 'k3')}",
-    }.get(name, lambda: name)()
-    if float(r.get("gamma") or 0):
-        tag += f"_g{float(r['gamma']):g}"
-    if float(r.get("task_weight") or 0):
-        tag += f"_task{float(r['task_weight']):g}"
-    return tag
-
-
 def register_configs() -> None:
     """Put the schema in Hydra's ConfigStore (conf/config.yaml lists it first in its
     defaults) and register the resolvers the YAML uses."""
@@ -422,7 +335,13 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     if not OmegaConf.has_resolver("method_tag"):
-        OmegaConf.register_new_resolver("method_tag", method_tag)
+        OmegaConf.register_new_resolver("method_tag", _method_tag)
+
+
+def _method_tag(reward) -> str:
+    from poweropd.objectives import method_tag
+
+    return method_tag(reward)
 
 
 def to_config(cfg, schema: type = None):
@@ -449,7 +368,7 @@ def to_config(cfg, schema: type = None):
 def _reject_unknown_keys(node, cls, prefix: str) -> None:
     from omegaconf import DictConfig
 
-    fields = _schema_fields(cls)
+    fields = schema_fields(cls)
     hints = typing.get_type_hints(cls)
     for key in node.keys():
         if key not in fields:
@@ -468,199 +387,5 @@ def _omegaconf_one_line(exc: Exception) -> str:
     return f"{key}: {text[0]}" if key else text[0]
 
 
-# ----------------------------------------------------------------------------------------
-# Command-line pre-check: one clear line for typos, before Hydra prints its own errors.
-
-GROUPS = ("model_pair", "reward", "training", "logger", "experiment")
-EVAL_GROUPS = ("model_pair", "eval")
-
-
-def group_options(conf_dir: Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
-
-
-def _schema_fields(cls) -> dict[str, dataclasses.Field]:
+def schema_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _resolve_key(key: str, root: Any = None):
-    """Walk `a.b.c` through the schema; return the Field or raise ConfigError."""
-    node: Any = root or Config
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        fields = _schema_fields(node)
-        if part not in fields:
-            where = ".".join(parts[:depth]) or "the top level"
-            close = difflib.get_close_matches(part, list(fields), n=1)
-            hint = f" (did you mean '{'.'.join(parts[:depth] + close)}'?)" if close else ""
-            raise ConfigError(
-                f"unknown config key '{key}'{hint}; valid keys under {where}: {', '.join(sorted(fields))}"
-            )
-        found = fields[part]
-        hints = typing.get_type_hints(node)
-        node = hints[part]
-        if depth < len(parts) - 1 and not dataclasses.is_dataclass(node):
-            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' has no sub-keys (got '{key}')")
-    return found, node
-
-
-def _check_type(key: str, value: Any, hint: Any) -> None:
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:  # Optional[x]
-        if value is None:
-            return
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        origin = typing.get_origin(hint)
-    if isinstance(value, str) and "${" in value:
-        return  # interpolation: checked after composition
-    expected = {float: (int, float), int: (int,), bool: (bool,), str: (str, int, float, bool)}.get(hint)
-    if origin is list:
-        expected = (list,)
-    if expected is None or dataclasses.is_dataclass(hint):
-        return
-    if isinstance(value, bool) and hint in (int, float):
-        expected = ()
-    if not isinstance(value, expected):
-        name = getattr(hint, "__name__", str(hint))
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}")
-
-
-def check_overrides(overrides: list[str], conf_dir: Path, root: Any = None, groups: tuple = GROUPS) -> None:
-    """Check command-line overrides against the schema (`root`, default the training
-    Config) and its conf/ groups. Raises ConfigError. Sweep functions are understood:
-    choice() and range() are checked value by value, glob() against the group's options,
-    interval() (an optimizer's continuous range) by its bounds."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob, IntervalSweep
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        raise ConfigError(str(exc).strip().splitlines()[0]) from None
-    for override in parsed:
-        key = override.key_or_group
-        if key.startswith("hydra") or override.is_delete():
-            continue
-        raw = override.value()
-        options = group_options(conf_dir, key) if key in groups else None
-        if isinstance(raw, Glob):
-            values = raw.filter(options) if options is not None else []
-            if options is not None and not values:
-                raise ConfigError(
-                    f"{key}={override.input_line.split('=', 1)[1]} matches no option; valid: {', '.join(options)}"
-                )
-        elif isinstance(raw, IntervalSweep):
-            values = [raw.start, raw.end]
-        elif override.is_sweep_override():
-            values = list(override.sweep_iterator())
-        else:
-            values = [raw]
-        if options is not None:
-            for value in values:
-                if value is not None and str(value) not in options:
-                    raise ConfigError(f"unknown {key} '{value}'; valid: {', '.join(options)}")
-            continue
-        _, hint = _resolve_key(key, root)
-        for value in values:
-            _check_type(key, value, hint)
-
-
-def check_every_job(argv: list[str], conf_dir: Path, schema: type = None) -> int:
-    """Compose and validate the config of every job a command line would run (one, or every
-    combination of a multirun, the sweep file's own params included), before any job starts
-    or any directory is made. Returns the number of jobs; raises ConfigError naming the first
-    bad job. Sweeps an enumerating sweeper cannot expand (interval()) are left to Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import create_config_search_path, get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    schema = schema or Config
-    register_configs()
-    args, _ = get_args_parser().parse_known_args(argv)
-    config_dir = Path(args.config_dir).resolve() if args.config_dir else Path(conf_dir)
-    config_name = args.config_name or ("evaluate" if schema is not Config else "config")
-    overrides = list(args.overrides or [])
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            base = compose(
-                config_name=config_name, overrides=[o for o in overrides if not _is_sweep(o)], return_hydra_config=True
-            )
-            multirun = (
-                args.multirun
-                or OmegaConf.select(base, "hydra.mode", default=None) is not None
-                and str(OmegaConf.select(base, "hydra.mode")).endswith("MULTIRUN")
-            )
-            found = OmegaConf.select(base, "hydra.sweeper.params", default=None) if multirun else None
-            params = OmegaConf.to_container(found) if found is not None else {}
-            lines = [f"{k}={v}" for k, v in params.items()] + overrides
-            loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir)))
-            parsed = OverridesParser.create(config_loader=loader).parse_overrides(lines)
-            if any(_is_interval(o) for o in parsed):
-                return 0
-            jobs = (
-                [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-                if multirun
-                else [overrides]
-            )
-            for number, job in enumerate(jobs):
-                try:
-                    to_config(compose(config_name=config_name, overrides=job), schema)
-                except ConfigError as exc:
-                    where = f"job {number} ({' '.join(job)}): " if multirun else ""
-                    raise ConfigError(f"{where}{exc}" + (" (no job was started)" if multirun else "")) from None
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(str(exc).strip().splitlines()[0]) from None
-    finally:
-        GlobalHydra.instance().clear()
-    return len(jobs)
-
-
-HYDRA_ONLY_FLAGS = ("-sc", "--shell-completion", "-h", "--help", "-i", "--info", "--hydra-help")
-
-
-def hydra_only_command(argv: list[str]) -> bool:
-    """Commands Hydra answers itself (shell completion and its query, help, info): no job runs,
-    so nothing is pre-checked (a half-typed override must still complete)."""
-    return any(a in HYDRA_ONLY_FLAGS or a.startswith(("--shell-completion=", "--info=")) for a in argv)
-
-
-# Files Hydra writes into a run directory before our code runs.
-HYDRA_OWN = {".hydra", "run.log"}
-
-
-def remove_refused_run_dir(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote for a refused launch
-    (never one with a run's own files in it, e.g. a resumed run refused for a changed config)."""
-    import shutil
-
-    run_dir = Path(run_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _is_sweep(line: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(line).is_sweep_override()
-
-
-def _is_interval(override) -> bool:
-    from hydra.core.override_parser.types import IntervalSweep
-
-    return isinstance(override.value(), IntervalSweep)
-
-
-def cli_overrides(argv: list[str]) -> list[str]:
-    """The `key=value` overrides of a Hydra command line (flags and their values removed)."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv)
-    return list(args.overrides or [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from poweropd.benchmarks import load_benchmark
-from poweropd.config import ConfigError
+from poweropd.errors import ConfigError
 
 TOY_TRAIN_POOL = 20_000  # distinct toy training prompts; the sampler cycles through them
 

@@ -8,7 +8,7 @@ local path. For each benchmark of the suite:
     rows --chat template--> prompt ids --backend: n samples each--> responses
          --grader--> (extracted answer, correct, status) per sample --> metrics
 
-Metrics (REFERENCE.md section 4), c_i = correct samples of problem i out of n:
+Metrics (docs/reference.md §4), c_i = correct samples of problem i out of n:
     Avg@n  = mean_i c_i / n
     Pass@n = mean_i [c_i > 0]
     pass@k = mean_i 1 - C(n - c_i, k) / C(n, k)     (unbiased estimator, k <= n)
@@ -36,10 +36,10 @@ from typing import Protocol
 import torch
 
 from poweropd.benchmarks import Benchmark, get_benchmark, load_benchmark, suite_benchmarks
-from poweropd.config import ConfigError, EvalConfig, EvaluateConfig, ModelPairConfig
-from poweropd.generation import Completion, SamplingParams, sample_completions
+from poweropd.config import EvalConfig, EvaluateConfig, ModelPairConfig
+from poweropd.errors import ConfigError
+from poweropd.generation import Completion, SamplingParams, chat_prompts, sample_completions
 from poweropd.grading import Grade, Grader
-from poweropd.rollout import chat_prompts
 from poweropd.toy.spec import ToyPairSpec
 from poweropd.tracking import FINAL_MODEL, RUN_CONFIG, write_json_atomic, write_text_atomic
 
@@ -274,7 +274,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype, weights=engine_kind == "hf")
         # Each benchmark's prompts are tokenised once: for the context check and for generation.
         prompts_of = {
-            name: chat_prompts(tokenizer, [r["problem"] for r in rows], target.pair.instruction)
+            name: chat_prompts(
+                tokenizer, [r["problem"] for r in rows], target.pair.instruction, target.pair.enable_thinking
+            )
             for name, rows in data.items()
         }
         max_new = _fit_context(model.config, prompts_of, ec.max_new_tokens)
@@ -361,8 +363,8 @@ def load_model(target: EvalTarget, dtype: str, weights: bool = True):
     paths load the weights themselves) and its tokenizer, through the Auto classes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from poweropd.hf_engine import neutralize_generation_defaults
     from poweropd.models import resolve_dtype, stop_token_ids
-    from poweropd.rollout import neutralize_generation_defaults
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"revision": target.pair.revision, "trust_remote_code": target.pair.trust_remote_code}
@@ -400,23 +402,21 @@ class ConfigOnly:
 
 def eval_engine(ec: EvalConfig, target: EvalTarget, model, stop_ids: list[int], pad_id: int, seed: int):
     """The generation engine of `eval.backend` (hf: generate on the loaded model)."""
-    from poweropd.generation import make_engine
+    from poweropd.engines import make_engine
     from poweropd.models import resolve_dtype
 
-    if ec.backend == "hf":
-        return make_engine("hf", model, stop_ids, pad_id, ec.batch_size)
-    from poweropd.vllm_engine import engine_options
-
     return make_engine(
-        "vllm",
-        None,
-        stop_ids,
-        pad_id,
+        ec.backend,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        model=model if ec.backend == "hf" else None,  # vLLM loads the weights itself
         model_path=target.model_path,
+        batch_size=ec.batch_size,
         dtype=str(resolve_dtype(ec.dtype)).removeprefix("torch."),
         seed=seed,
         trust_remote_code=target.pair.trust_remote_code,
-        **{**engine_options(ec.vllm), "sleep": False},  # nothing else shares the GPU: no sleeping
+        vllm=ec.vllm,
+        sleep=False,  # nothing else shares the GPU: no sleeping
     )
 
 

@@ -1,4 +1,4 @@
-"""The paper's FLOPs model of one OPD update (Appendix B; REFERENCE.md section 5).
+"""The paper's FLOPs model of one OPD update (Appendix B; docs/reference.md §6).
 
 Per prefill pass over B sequences of S tokens through L layers (hidden d, key/value width
 d_kv = kv_heads * head_dim, MLP width m):
@@ -36,7 +36,7 @@ class Arch:
         return self.kv_heads * self.head_dim
 
 
-# REFERENCE.md section 6 (public config values of the Qwen3 checkpoints).
+# docs/reference.md §6 (public config values of the Qwen3 checkpoints).
 QWEN3 = {
     "Qwen/Qwen3-0.6B-Base": Arch(1024, 28, 3072, 16, 8, 128, 151936),
     "Qwen/Qwen3-1.7B-Base": Arch(2048, 28, 6144, 16, 8, 128, 151936),

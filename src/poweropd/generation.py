@@ -1,15 +1,16 @@
 """The generation interface every part of the harness samples through.
 
 Training rollouts, in-training validation and benchmark evaluation all ask an engine the
-same question: token ids in (chat template already applied), completion ids, stop handling
-and masks out. Two engines answer it:
+same question: token ids in (`chat_prompts`: the chat template already applied),
+completion ids, stop handling and masks out. Two engines answer it, both built by
+poweropd.engines.make_engine:
 
-    hf    Hugging Face `generate` on the model being trained (poweropd.rollout)
-    vllm  a colocated vLLM engine, synced with the student after every update
-          (poweropd.vllm_engine)
+    hf    Hugging Face `generate` on the model being trained (poweropd.hf_engine)
+    vllm  a vLLM engine: colocated with the trainer and synced with the student after
+          every update, or alone for evaluation (poweropd.vllm_engine)
 
-This module holds only the shared types and helpers (no engine imports), so that the
-trainer, evaluation and the lm-eval bridge import it and not each other.
+This module holds only the shared types and helpers and imports no engine; the engines
+import it, never the other way round.
 
 Layout of one rollout batch (B rollouts, prompts left-padded to P, completions of T):
 
@@ -27,7 +28,24 @@ from typing import Protocol
 
 import torch
 
-ROLLOUT_ENGINES = ("hf", "vllm")
+
+def chat_prompts(
+    tokenizer, problems: list[str], instruction: str = "", enable_thinking: bool = False
+) -> list[list[int]]:
+    """Token ids of each problem as one user turn in the tokenizer's chat template, with the
+    generation prompt added. `enable_thinking` goes to the template (Qwen3's: False appends
+    an empty <think></think> block, as the paper's prompts have; docs/reference.md §3)."""
+    out = []
+    for problem in problems:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{problem}{instruction}"}],
+            add_generation_prompt=True,
+            enable_thinking=enable_thinking,
+            tokenize=True,
+            return_dict=False,
+        )
+        out.append(list(ids))
+    return out
 
 
 @dataclass
@@ -64,8 +82,8 @@ class Rollouts:
     def loss_mask_BT(self, stop_token: str) -> torch.Tensor:
         """Tokens that enter rewards, loss and N.
 
-        `mask` drops the terminal stop token of rollouts that ended with one (REFERENCE
-        section 1); truncated rollouts keep every token. `raw` keeps the stop token.
+        `mask` drops the terminal stop token of rollouts that ended with one (docs/reference.md
+        §1); truncated rollouts keep every token. `raw` keeps the stop token.
         """
         if stop_token == "raw":
             return self.completion_BT
@@ -208,16 +226,3 @@ def sample_completions(
                 out[i][j] = completion
             bar.update(len(batch))
     return out
-
-
-def make_engine(kind: str, model, stop_ids: list[int], pad_id: int, batch_size: int = 0, **vllm_kwargs):
-    """The engine named `kind` for `model` (an HF causal LM: the engine's weights source)."""
-    if kind == "hf":
-        from poweropd.rollout import HFEngine
-
-        return HFEngine(model, stop_ids, pad_id, batch_size)
-    if kind == "vllm":
-        from poweropd.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model, stop_ids, pad_id, **vllm_kwargs)
-    raise ValueError(f"unknown rollout engine {kind!r}; valid: {', '.join(ROLLOUT_ENGINES)}")

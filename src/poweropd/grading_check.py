@@ -45,12 +45,10 @@ _NUMBER_RE = re.compile(r"\d*\.\d+|\d+")
 _CHOICE_RE = re.compile(r"\(?([A-E])\)?")
 
 
-def default_data_dir() -> Path:
-    """`$POWEROPD_SHARED_DATA`, else `<repo>/../shared/data` (the repository lives next to `shared/`)."""
-    env = os.environ.get("POWEROPD_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+def default_data_dir() -> Path | None:
+    """`$POWEROPD_DATA` (the folder the harness reads local benchmark files from), if set."""
+    env = os.environ.get("POWEROPD_DATA")
+    return Path(env) if env else None
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -107,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-failures", type=int, default=5, help="failures printed per check")
     parser.add_argument("--benchmarks", nargs="*", default=list(BENCHMARKS))
     args = parser.parse_args(argv)
+    if args.data_dir is None:
+        parser.error("give --data-dir DIR (or set POWEROPD_DATA): the folder holding <benchmark>.jsonl")
 
     header = f"{'benchmark':<14}{'rows':>6}{'self %':>9}{'solution %':>12}{'perturbed-incorrect %':>23}"
     header += f"{'timeouts':>10}{'worker':>8}{'time s':>8}"

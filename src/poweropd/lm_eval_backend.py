@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 
 from poweropd.benchmarks import Benchmark
-from poweropd.config import ConfigError, EvalConfig, ModelPairConfig
+from poweropd.config import EvalConfig, ModelPairConfig
+from poweropd.errors import ConfigError
 from poweropd.generation import Completion
 
 log = logging.getLogger(__name__)
@@ -107,25 +108,21 @@ def check_lm_eval_vllm() -> None:
 def _vllm_lm(target, ec: EvalConfig, context, seed: int, stop_ids: list[int]):
     """lm-eval's own vLLM model type on the same weights (eval.lm_eval_model=vllm)."""
     from poweropd.models import resolve_dtype
-    from poweropd.vllm_engine import import_vllm
+    from poweropd.vllm_engine import import_vllm, memory_options
 
     import_vllm()  # the in-process engine settings, and a one-line error if vLLM is missing
     from lm_eval.models.vllm_causallms import VLLM
 
-    vc = ec.vllm
     kwargs = dict(
         pretrained=target.model_path,
         dtype=str(resolve_dtype(ec.dtype)).removeprefix("torch."),
         batch_size="auto",
         max_length=context,
         seed=seed,
-        gpu_memory_utilization=vc.gpu_memory_utilization,
         enable_thinking=target.pair.enable_thinking,
-        enforce_eager=True if vc.enforce_eager is None and not _on_cuda() else bool(vc.enforce_eager),
         generation_config="vllm",
+        **memory_options(ec.vllm, _on_cuda()),  # the same memory settings as eval.backend=vllm
     )
-    if vc.kv_cache_gib or not _on_cuda():
-        kwargs["kv_cache_memory_bytes"] = int((vc.kv_cache_gib or 1.0) * 2**30)
     lm = VLLM(**kwargs)
     lm._poweropd_stop_ids = stop_ids
     return lm

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from poweropd.config import ConfigError, ModelPairConfig
-from poweropd.logprobs import full_vocab_kl, sampled_logprobs, sampled_pg_loss
-from poweropd.rollout import neutralize_generation_defaults
+from poweropd.config import ModelPairConfig
+from poweropd.errors import ConfigError
+from poweropd.hf_engine import neutralize_generation_defaults
+from poweropd.logprobs import sampled_logprobs, teacher_topk
+from poweropd.objectives import TeacherOut
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ def load_pair(cfg: ModelPairConfig, device: torch.device) -> ModelPair:
 
 
 def _disable_dropout(model: nn.Module) -> None:
-    """REFERENCE: dropout off (the student trains in train mode for gradient checkpointing)."""
+    """docs/reference.md §3: dropout off (the student trains in train mode for gradient checkpointing)."""
     for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if getattr(model.config, attr, None):
             setattr(model.config, attr, 0.0)
@@ -180,50 +182,37 @@ class StudentScorer(nn.Module):
         self.lm = lm
         self.chunk = chunk
 
-    def forward(
-        self,
-        input_ids_BS,
-        attention_mask_BS,
-        prompt_len: int,
-        mask_BT,
-        teacher_hidden_ND=None,
-        teacher_weight_VD=None,
-        loss_weights_N=None,
-        reward_fn=None,
-        head_fn=None,
-    ):
-        """One of three heads on the same student pass:
-        - plain: sampled-token log-probs lS_N (differentiable);
-        - `reward_fn` and `loss_weights_N`: the fused OPD loss tuple (loss, lS_N, r_N) of
-          `sampled_pg_loss`;
-        - teacher hidden states and lm-head: the full-vocab KL tuple (loss, kl_N, lS_N, lT_N)
-          of `full_vocab_kl`, weighted by `loss_weights_N`."""
+    def forward(self, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, head=None):
+        """`head(hidden_ND, weight_VD, targets_N)` on the student's final hidden states of the
+        N valid completion positions, its lm-head weight and the sampled tokens: an
+        objective's loss kernel (poweropd.objectives). Without one: the sampled tokens'
+        log-probs lS_N (differentiable)."""
         hidden_ND = completion_hidden(self.lm, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
         targets_N = input_ids_BS[:, prompt_len:][mask_BT]
         weight_VD = self.lm.get_output_embeddings().weight
-        if head_fn is not None:  # any other head on the completion states (jsd, topk_kl)
-            return head_fn(hidden_ND, weight_VD, targets_N)
-        if teacher_hidden_ND is not None:
-            return full_vocab_kl(
-                hidden_ND, weight_VD, teacher_hidden_ND, teacher_weight_VD, targets_N, loss_weights_N, self.chunk
-            )
-        if reward_fn is not None:
-            return sampled_pg_loss(hidden_ND, weight_VD, targets_N, loss_weights_N, reward_fn, self.chunk)
+        if head is not None:
+            return head(hidden_ND, weight_VD, targets_N)
         return sampled_logprobs(hidden_ND, weight_VD, targets_N, self.chunk)
 
 
 @torch.no_grad()
-def teacher_score(
-    teacher: nn.Module, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, chunk: int, hidden_only: bool = False
-):
-    """(lT_N, None): teacher log-probs of the very same token ids; or with `hidden_only`
-    (None, hidden_ND [N, D_T]) for the full-vocab loss, which reads lT_N off its own
-    teacher logits instead of paying for a second teacher lm-head pass."""
+def score_teacher(
+    teacher: nn.Module, need: str, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, chunk: int, k: int = 0
+) -> TeacherOut:
+    """What an objective needs of the in-process teacher on the very same token ids
+    (poweropd.objectives.TEACHER_NEEDS): "logprobs" its log-prob of each sampled token;
+    "topk" those plus its top-k log-probs and ids (only [N, k] is kept); "hidden" its final
+    hidden states, from which the objective's kernel forms the teacher's logits (and lT)
+    itself instead of paying for a second teacher lm-head pass."""
     hidden_ND = completion_hidden(teacher, input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
-    if hidden_only:
-        return None, hidden_ND
+    if need == "hidden":
+        return TeacherOut(hidden_ND=hidden_ND)
     targets_N = input_ids_BS[:, prompt_len:][mask_BT]
-    return sampled_logprobs(hidden_ND, teacher.get_output_embeddings().weight, targets_N, chunk), None
+    head_VD = teacher.get_output_embeddings().weight
+    if need == "topk":
+        vals_NK, idx_NK, lT_N = teacher_topk(hidden_ND, head_VD, targets_N, k, chunk)
+        return TeacherOut(lT_N=lT_N, topk=(vals_NK, idx_NK))
+    return TeacherOut(lT_N=sampled_logprobs(hidden_ND, head_VD, targets_N, chunk))
 
 
 def looks_local(path: str) -> bool:

@@ -2,8 +2,10 @@
 
 Each reward maps (lT_BT, lS_BT, mask_BT, cfg) to r_BT, where lT / lS are the teacher's /
 student's fp32 log-probs of the sampled token (full-vocabulary log-softmax at temperature
-1) and r is zero outside `mask_BT`. Rewards are always computed from detached log-probs:
-the trainer multiplies them into the loss as stop-gradient weights (REFERENCE.md s.1-2).
+1), cfg is the run's RewardConfig (its knobs) and r is zero outside `mask_BT`. Rewards are
+always computed from detached log-probs: the trainer multiplies them into the loss as
+stop-gradient weights (docs/reference.md §1-2). Which reward belongs to which `reward=`
+option is poweropd.objectives' registry.
 
     vanilla   r = lT - lS                                 unbounded log-ratio
     clip      r = clamp(lT - lS, c_l, c_h)                 post-hoc bound
@@ -22,7 +24,7 @@ Beyond the paper (docs/objectives.md has each one's anchor and command):
 
 PowerOPD drops the Box-Cox 1/alpha factor (absorbed into the learning rate), so
 (x^alpha - 1)/alpha -> log x as alpha -> 0 relates `power` to `vanilla` only up to that
-factor. The full-vocab baseline is not a reward but a loss (see losses.py).
+factor. The full-vocab baseline is not a reward but a loss (poweropd.objectives.full_vocab).
 """
 
 from __future__ import annotations
@@ -31,30 +33,28 @@ from collections.abc import Callable
 
 import torch
 
-from poweropd.config import RewardConfig
-
-RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RewardConfig], torch.Tensor]
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
-def log_ratio(lT_BT, lS_BT, mask_BT, cfg: RewardConfig) -> torch.Tensor:
+def log_ratio(lT_BT, lS_BT, mask_BT, cfg) -> torch.Tensor:
     return (lT_BT - lS_BT) * mask_BT
 
 
-def clipped_log_ratio(lT_BT, lS_BT, mask_BT, cfg: RewardConfig) -> torch.Tensor:
+def clipped_log_ratio(lT_BT, lS_BT, mask_BT, cfg) -> torch.Tensor:
     return (lT_BT - lS_BT).clamp(cfg.clip_low, cfg.clip_high) * mask_BT
 
 
-def tanh_log_ratio(lT_BT, lS_BT, mask_BT, cfg: RewardConfig) -> torch.Tensor:
+def tanh_log_ratio(lT_BT, lS_BT, mask_BT, cfg) -> torch.Tensor:
     return torch.tanh((lT_BT - lS_BT) / cfg.tau) * mask_BT
 
 
-def power(lT_BT, lS_BT, mask_BT, cfg: RewardConfig) -> torch.Tensor:
+def power(lT_BT, lS_BT, mask_BT, cfg) -> torch.Tensor:
     # exp of a non-positive fp32 log-prob times alpha: always in [0, 1], no overflow.
     lT, lS = lT_BT.float(), lS_BT.float()
     return (torch.exp(cfg.alpha * lT) - torch.exp(cfg.alpha * lS)) * mask_BT
 
 
-def box_cox(lT_BT, lS_BT, mask_BT, cfg: RewardConfig) -> torch.Tensor:
+def box_cox(lT_BT, lS_BT, mask_BT, cfg) -> torch.Tensor:
     """(pi_T^alpha - pi_theta^alpha) / alpha: the Box-Cox transform of both probabilities,
     (x^alpha - 1) / alpha, differenced. It is `power` divided by alpha, so its update is
     PowerOPD's at learning rate lr / alpha; as alpha -> 0 it tends to the log-ratio."""
@@ -88,7 +88,7 @@ def kl_estimator(lT_BT, lS_BT, estimator: str) -> torch.Tensor:
     raise ValueError(f"unknown KL estimator {estimator!r}; valid: k1, k2, k3")
 
 
-def kl_estimator_weight(lT_BT, lS_BT, mask_BT, cfg: RewardConfig) -> torch.Tensor:
+def kl_estimator_weight(lT_BT, lS_BT, mask_BT, cfg) -> torch.Tensor:
     """-dk/dlS: the weight the direct loss puts on grad log pi_theta(token), i.e. the reward a
     policy gradient would need to take the same step (k1: -1, k2: lT - lS, k3: r - 1)."""
     log_r = lT_BT.float() - lS_BT.float()
@@ -123,23 +123,6 @@ def task_advantage(correct_B: torch.Tensor, group: int) -> torch.Tensor:
     if group <= 1:
         return R
     return (R.view(-1, group) - R.view(-1, group).mean(-1, keepdim=True)).reshape(-1)
-
-
-REWARDS: dict[str, RewardFn] = {
-    "vanilla": log_ratio,
-    "clip": clipped_log_ratio,
-    "tanh": tanh_log_ratio,
-    "zscore": log_ratio,  # the z-score baseline normalises the log-ratio (normalize=zscore)
-    "power": power,
-    "box_cox": box_cox,
-    "kl_loss": kl_estimator_weight,  # the per-token gradient weight (see above); the loss is kl_estimator
-}
-
-
-def get_reward(name: str) -> RewardFn:
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; valid: {', '.join(REWARDS)} (and full_vocab, jsd, topk_kl: losses)")
-    return REWARDS[name]
 
 
 def masked_moments(r_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,23 @@ SUMMARY = "summary.json"
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "student"
+# What Hydra itself writes into a run directory before any harness code runs.
+HYDRA_OWN = frozenset({".hydra", "run.log"})
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A recorded config as flat dotted keys ({"reward": {"alpha": 5}} -> {"reward.alpha": 5});
+    lists become their JSON text, so that every value compares and fits a table cell."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:

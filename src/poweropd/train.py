@@ -1,21 +1,25 @@
-"""The one OPD trainer shared by every reward (REFERENCE.md section 1).
+"""The one OPD trainer shared by every objective (docs/reference.md §1).
 
-One update, top to bottom in `opd_step`:
+One update is `opd_step` (sampling) then `opd_update` (the rest), top to bottom:
 
     prompts --student samples--> rollouts (left-padded prompt | completion up to stop)
-            --teacher scores the same ids (no grad)--> lT_t
-            --student forward (grad)--> lS_t
-            --reward r_t = f(lT_t, sg[lS_t]) [--z-score over the batch]-->
-            loss = -(1/N) sum_t sg[r_t] lS_t        N = valid tokens of the whole batch
+            --teacher scores the same ids (no grad)--> what the objective needs: lT_t
+              (sampled-token objectives), + its top-k (topk_kl), or its hidden states
+              (full_vocab, jsd)
+            --objective.micro_loss per micro-batch (poweropd.objectives)--> e.g. the paper's
+              loss = -(1/N) sum_t sg[r_t] lS_t,  r_t = f(lT_t, sg[lS_t]),  N = valid tokens
+              of the whole batch (all processes)
             --backward--> clip at max_grad_norm (the pre-clip norm is logged) --> AdamW step
+            --> statistics from tensors already in hand
 
-`reward=full_vocab` swaps reward and loss for the exact token-mean KL(student || teacher).
-No reward-to-go, baseline, PPO ratio, importance weight, KL-to-reference or entropy bonus:
-one optimizer update per batch of fresh rollouts.
+With the paper's objectives there is no reward-to-go, baseline, PPO ratio, importance
+weight, KL-to-reference or entropy bonus: one optimizer update per batch of fresh
+rollouts. reward.gamma / reward.task_weight (beyond the paper, docs/objectives.md) add a
+discounted return or a task reward to the same policy gradient.
 
-Data parallel: run under `accelerate launch`; each process samples its share of the batch
-and every normaliser (N, the z-score moments, the sequence count) is summed over processes
-first, so the gradient is the same global token mean as on one device.
+Data parallel: run under `accelerate launch` or `torchrun`; each process samples its share
+of the batch and every normaliser (N, the z-score moments, the sequence count) is summed
+over processes first, so the gradient is the same global token mean as on one device.
 """
 
 from __future__ import annotations
@@ -37,23 +41,26 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_finite
-from poweropd.config import DISTRIBUTION_LOSSES, Config, ConfigError
+from poweropd.config import Config
 from poweropd.data import PromptSampler, train_rows, val_rows
-from poweropd.generation import RolloutEngine, Rollouts, SamplingParams
+from poweropd.engines import make_engine
+from poweropd.errors import ConfigError
+from poweropd.generation import RolloutEngine, Rollouts, SamplingParams, chat_prompts
 from poweropd.grading import Grader
-from poweropd.logprobs import generalized_jsd, teacher_topk, topk_forward_kl
-from poweropd.models import ModelPair, StudentScorer, load_pair, teacher_score
-from poweropd.rewards import get_reward, kl_estimator, masked_moments, reward_to_go, task_advantage, zscore
-from poweropd.rollout import HFEngine, chat_prompts
+from poweropd.models import ModelPair, StudentScorer, load_pair, score_teacher
+from poweropd.objectives import MicroBatch, MicroLoss, Objective, TeacherOut, get_objective
+from poweropd.rewards import masked_moments, task_advantage, zscore
 from poweropd.stats import StepClock, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
     FINAL_MODEL,
+    HYDRA_OWN,
     METRICS,
     REWARD_DUMP,
     REWARD_DUMP_ROLLOUTS,
     RUN_CONFIG,
     SUMMARY,
     Tracker,
+    flatten,
     read_jsonl_lenient,
     write_json_atomic,
 )
@@ -115,84 +122,67 @@ def opd_update(
     grader's verdict on each rollout, needed when reward.task_weight > 0)."""
     cfg, acc = run.cfg, run.accelerator
     tc, rc = cfg.training, cfg.reward
+    objective = get_objective(rc.name)
     clock = clock or StepClock(acc.device)
     mask_BT = rollouts.loss_mask_BT(rc.stop_token)
     if int(acc.reduce(mask_BT.sum(), "sum").item()) == 0:  # e.g. every rollout is a bare stop token
         return _empty_update(run, rollouts, clock), {}
     micro = micro_batches(rollouts.input_ids_BS.shape[0], tc.micro_batch_size)
 
-    # 2. The teacher scores the very same token ids (no grad).
-    teacher_out = [score_teacher(run, *_model_inputs(rollouts, mask_BT, rows_)) for rows_ in micro]
+    # 2. The teacher scores the very same token ids (no grad), giving what the objective needs.
+    teacher = [
+        score_teacher(
+            run.pair.teacher, objective.teacher, *_model_inputs(rollouts, mask_BT, rows), tc.logprob_chunk_size, rc.k
+        )
+        for rows in micro
+    ]
     clock.lap("teacher")
     # A non-finite teacher value (a bf16 teacher giving a sampled token probability 0, a NaN
     # activation) says nothing about the student: those tokens leave this update (N included).
-    mask_BT, teacher_out, n_bad_teacher = drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out)
+    mask_BT, teacher, n_bad_teacher = drop_nonfinite_teacher_tokens(mask_BT, micro, teacher)
     n_global = int(acc.reduce(mask_BT.sum(), "sum").item())
     if n_global == 0:  # every valid token had a non-finite teacher value
         return _empty_update(run, rollouts, clock, {"nonfinite/teacher_tokens": n_bad_teacher}), {}
     weights_BT = loss_weights(acc, mask_BT, rc.loss_agg)
-
+    task_B = None
+    if rc.task_weight and task_correct_B is not None:
+        task_B = task_advantage(task_correct_B.to(acc.device), tc.rollouts_per_prompt)
     # z-score needs the whole batch's moments before the first backward; with several
     # micro-batches that takes one extra no-grad student pass.
     moments = None
     if rc.normalize == "zscore" and len(micro) > 1:
-        moments = zscore_moments_prepass(run, rollouts, mask_BT, micro, teacher_out)
+        moments = zscore_moments_prepass(run, objective, rollouts, mask_BT, micro, teacher)
 
-    # 3. Student log-probs, rewards and the loss; one backward per micro-batch. Rewards that
-    # need only their own token are formed inside the fused lm-head kernel (its gradient is
-    # built in the forward, no recomputation); z-scored ones wait for the batch moments,
-    # discounted / task-mixed ones for the whole rollout; divergences over the vocabulary
-    # (full_vocab, jsd, topk_kl) run their own chunked heads (see objective_kind).
-    kind = objective_kind(rc)
-    task_B = None
-    if rc.task_weight and task_correct_B is not None:
-        task_B = task_advantage(task_correct_B.to(acc.device), tc.rollouts_per_prompt)
-    tokens = {"lT": [], "lS": [], "reward": [], "kl": [], "pos": []}
-    loss_sum = torch.zeros((), device=acc.device)
-    for i, rows_ in enumerate(micro):
-        inputs = _model_inputs(rollouts, mask_BT, rows_)
-        m_BT, w_N = mask_BT[rows_], weights_BT[rows_][mask_BT[rows_]]
-        lT_N, extra = teacher_out[i]
+    # 3. The objective's loss of each micro-batch (student log-probs, rewards, loss; see
+    # poweropd.objectives), one backward each; gradients sync on the last.
+    outs, positions = [], []
+    for i, rows in enumerate(micro):
+        m_BT = mask_BT[rows]
+        batch = MicroBatch(
+            inputs=_model_inputs(rollouts, mask_BT, rows),
+            teacher=teacher[i],
+            weights_N=weights_BT[rows][m_BT],
+            rc=rc,
+            chunk=tc.logprob_chunk_size,
+            teacher_head_VD=run.pair.teacher.get_output_embeddings().weight,
+            moments=moments,
+            task_N=None if task_B is None else task_B[rows][:, None].expand_as(m_BT)[m_BT],
+            reduce=lambda t: acc.reduce(t, "sum"),
+        )
         sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(run.scorer)
         with sync:
             with acc.autocast():
-                if kind == "full_vocab":
-                    head_T = run.pair.teacher.get_output_embeddings().weight
-                    loss, kl_N, lS_N, lT_N = run.scorer(
-                        *inputs, teacher_hidden_ND=extra, teacher_weight_VD=head_T, loss_weights_N=w_N
-                    )
-                    tokens["kl"].append(kl_N)
-                elif kind in ("jsd", "topk_kl"):
-                    loss, kl_N, lS_N, *rest = run.scorer(*inputs, head_fn=divergence_head(run, extra, w_N))
-                    lT_N = rest[0] if rest else lT_N
-                    tokens["kl"].append(kl_N)
-                elif kind == "fused":
-                    loss, lS_N, r_N = run.scorer(*inputs, loss_weights_N=w_N, reward_fn=token_rewards(run, lT_N))
-                    tokens["reward"].append(r_N)
-                else:  # "pg" (z-score, reward-to-go, task reward) and "direct" (kl_loss)
-                    lS_N = run.scorer(*inputs)
-                    r_N = compute_rewards(run, lT_N, lS_N.detach(), moments)
-                    task_N = None if task_B is None else task_B[rows_][:, None].expand_as(m_BT)[m_BT]
-                    if kind == "direct":
-                        loss = (kl_estimator(lT_N, lS_N, rc.estimator) * w_N).sum()
-                        if task_N is not None:
-                            loss = loss - (rc.task_weight * task_N * lS_N * w_N).sum()
-                    else:
-                        adv_N = advantages(r_N, m_BT, rc, task_N)
-                        loss = -(adv_N * lS_N * w_N).sum()
-                    tokens["reward"].append(r_N)
-            acc.backward(loss)
-        loss_sum += loss.detach()
-        tokens["lT"].append(lT_N)
-        tokens["lS"].append(lS_N.detach())
-        tokens["pos"].append(torch.nonzero(m_BT)[:, 1])
+                out = objective.micro_loss(run.scorer, batch)
+            acc.backward(out.loss)
+        outs.append(out)
+        positions.append(torch.nonzero(m_BT)[:, 1])
     clock.lap("student")
 
     # 4. Clip (logging the norm before clipping) and step, unless something is non-finite: a
     # non-finite student log-prob comes from the student's own forward, and its backward has
     # already carried it into the gradients, so the whole update is dropped, never stepped.
     grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm)
-    loss_total = acc.reduce(loss_sum, "sum") / acc.num_processes
+    loss_total = acc.reduce(sum(out.loss.detach() for out in outs), "sum") / acc.num_processes
     skip_reason = None
     if not torch.isfinite(loss_total):
         skip_reason = "nonfinite_loss"
@@ -205,8 +195,7 @@ def opd_update(
 
     # 5. Statistics, from tensors already in hand (no extra model pass); non-finite values are
     # counted, not averaged.
-    flat = {k: torch.cat(v) for k, v in tokens.items() if v}
-    flat["log_ratio"] = flat["lT"] - flat["lS"]
+    flat = token_tensors(outs, positions)
     gathered = {k: gather_tokens(acc, v) for k, v in flat.items()}
     n_bad_student = int((~torch.isfinite(gathered["lS"])).sum().item())
     gathered = finite_tokens(gathered)
@@ -222,15 +211,28 @@ def opd_update(
         metrics["nonfinite/student_tokens"] = n_bad_student
     if skip_reason is not None:
         metrics.update(skipped=1, skip_reason=skip_reason)
-    if "reward" in gathered:
-        metrics.update(summarize("reward", gathered["reward"]))
-    if "kl" in gathered:
-        metrics.update(summarize("kl", gathered["kl"]))
+    for key in ("reward", "kl"):
+        if key in gathered:
+            metrics.update(summarize(key, gathered[key]))
     if rollouts.engine_logprobs_BT is not None:
         metrics.update(engine_logprob_gap(acc, rollouts.engine_logprobs_BT[mask_BT], flat["lS"]))
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
     return metrics, gathered
+
+
+def token_tensors(outs: list[MicroLoss], positions: list[torch.Tensor]) -> dict:
+    """The update's per-token tensors (this process's N valid tokens, micro-batches in order)."""
+    flat = {
+        "lT": torch.cat([o.lT_N for o in outs]),
+        "lS": torch.cat([o.lS_N.detach() for o in outs]),
+        "pos": torch.cat(positions),
+    }
+    for key, attr in (("reward", "reward_N"), ("kl", "kl_N")):
+        if getattr(outs[0], attr) is not None:
+            flat[key] = torch.cat([getattr(o, attr) for o in outs])
+    flat["log_ratio"] = flat["lT"] - flat["lS"]
+    return flat
 
 
 def grade_rollouts(run: Run, rows: list[dict], rollouts: Rollouts) -> torch.Tensor:
@@ -257,46 +259,22 @@ def _empty_update(run: Run, rollouts: Rollouts, clock: StepClock, extra: dict | 
     return {**metrics, **rollout_metrics(run.accelerator, rollouts), **clock.metrics()}
 
 
-def drop_nonfinite_teacher_tokens(mask_BT, micro, teacher_out):
-    """Take tokens whose teacher log-prob (or, for full-vocab, teacher hidden state) is not
-    finite out of the loss mask and out of the teacher outputs. Returns (mask_BT,
-    teacher_out, tokens dropped on this process)."""
+def drop_nonfinite_teacher_tokens(mask_BT, micro, teacher: list[TeacherOut]):
+    """Take tokens whose teacher values (log-prob, or for the vocabulary objectives the hidden
+    state) are not finite out of the loss mask and out of the teacher outputs. Returns
+    (mask_BT, teacher, tokens dropped on this process)."""
     mask_BT = mask_BT.clone()
     kept, dropped = [], 0
-    for rows_, (lT_N, hT_ND) in zip(micro, teacher_out):
-        ok_N = torch.isfinite(lT_N) if lT_N is not None else torch.isfinite(hT_ND).all(-1)
+    for rows, out in zip(micro, teacher):
+        ok_N = out.finite_N()
         if bool(ok_N.all()):
-            kept.append((lT_N, hT_ND))
+            kept.append(out)
             continue
         dropped += int((~ok_N).sum())
-        sub_BT = mask_BT[rows_]  # a view: the row-major order of its True entries is the order of N
+        sub_BT = mask_BT[rows]  # a view: the row-major order of its True entries is the order of N
         sub_BT[sub_BT.clone()] = ok_N
-        kept.append((_keep_rows(lT_N, ok_N), _keep_rows(hT_ND, ok_N)))
+        kept.append(out.keep(ok_N))
     return mask_BT, kept, dropped
-
-
-def _keep_rows(x, ok_N):
-    if x is None:
-        return None
-    if isinstance(x, tuple):  # top-k teacher values and indices
-        return tuple(e[ok_N] for e in x)
-    return x[ok_N]
-
-
-def score_teacher(run: Run, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT):
-    """The teacher's side of one micro-batch, as the objective needs it: (lT_N, None) for the
-    sampled-token objectives, (None, hidden_ND) for the full-vocabulary ones, (lT_N,
-    (top-k log-probs, top-k ids)) for topk_kl."""
-    rc, chunk = run.cfg.reward, run.cfg.training.logprob_chunk_size
-    inputs = (input_ids_BS, attention_mask_BS, prompt_len, mask_BT)
-    hidden = rc.name in DISTRIBUTION_LOSSES
-    lT_N, hT_ND = teacher_score(run.pair.teacher, *inputs, chunk, hidden_only=hidden)
-    if rc.name != "topk_kl":
-        return lT_N, hT_ND
-    targets_N = input_ids_BS[:, prompt_len:][mask_BT]
-    head = run.pair.teacher.get_output_embeddings().weight
-    vals_NK, idx_NK, lT_N = teacher_topk(hT_ND, head, targets_N, rc.k, chunk)
-    return lT_N, (vals_NK, idx_NK)
 
 
 def finite_tokens(tokens: dict) -> dict:
@@ -310,86 +288,15 @@ def finite_tokens(tokens: dict) -> dict:
     return {k: v[ok] for k, v in tokens.items()}
 
 
-def raw_rewards(rc, lT_N: torch.Tensor, lS_N: torch.Tensor) -> torch.Tensor:
-    """The registry's reward of valid tokens (1-D, fp32), before any batch normalisation."""
-    lT_N = lT_N.float()
-    return get_reward(rc.name)(lT_N, lS_N.float(), torch.ones_like(lT_N), rc)
-
-
-def token_rewards(run: Run, lT_N: torch.Tensor):
-    """reward_fn for the fused loss kernel: the rewards of one chunk of tokens."""
-    rc = run.cfg.reward
-
-    def reward_fn(lS_C: torch.Tensor, rows: slice) -> torch.Tensor:
-        return raw_rewards(rc, lT_N[rows], lS_C)
-
-    return reward_fn
-
-
-def objective_kind(rc) -> str:
-    """How the update is formed:
-    fused       a per-token reward formed inside the lm-head kernel (vanilla, clip, tanh,
-                power, box_cox without normalisation, discount or task reward)
-    pg          the same policy gradient, with rewards that need more than their own token
-                first (z-score moments, reward-to-go, the rollout's task reward)
-    direct      kl_loss: an estimator back-propagated as the loss
-    full_vocab | jsd | topk_kl   divergences over the vocabulary (chunked kernels)"""
-    if rc.name in DISTRIBUTION_LOSSES:
-        return rc.name
-    if rc.name == "kl_loss":
-        return "direct"
-    if rc.normalize == "zscore" or rc.gamma or rc.task_weight:
-        return "pg"
-    return "fused"
-
-
-def advantages(r_N: torch.Tensor, m_BT: torch.Tensor, rc, task_N: torch.Tensor | None) -> torch.Tensor:
-    """Per-token advantages of one micro-batch of whole rollouts: the reward-to-go of the
-    (normalised) rewards, plus task_weight x the rollout's task advantage on every token
-    (gamma = 0) or as its terminal reward (gamma > 0, discounted back like any reward)."""
-    if not rc.gamma:
-        return r_N if task_N is None else r_N + rc.task_weight * task_N
-    r_BT = torch.zeros(m_BT.shape, dtype=r_N.dtype, device=r_N.device)
-    r_BT[m_BT] = r_N
-    if task_N is not None:
-        task_BT = torch.zeros_like(r_BT)
-        task_BT[m_BT] = task_N
-        last_B = (m_BT.long().cumsum(-1) == m_BT.sum(-1, keepdim=True)) & m_BT  # the last loss token
-        r_BT = r_BT + rc.task_weight * task_BT * last_B
-    return reward_to_go(r_BT, m_BT, rc.gamma)[m_BT]
-
-
-def divergence_head(run: Run, teacher_extra, w_N: torch.Tensor):
-    """The student-side head of jsd / topk_kl, run inside the scorer's forward."""
-    rc, chunk = run.cfg.reward, run.cfg.training.logprob_chunk_size
-    if rc.name == "jsd":
-        head_T = run.pair.teacher.get_output_embeddings().weight
-        return lambda h, w, t: generalized_jsd(h, w, teacher_extra, head_T, t, w_N, rc.beta, chunk)
-    vals_NK, idx_NK = teacher_extra
-    return lambda h, w, t: topk_forward_kl(h, w, vals_NK, idx_NK, t, w_N, chunk)
-
-
-def compute_rewards(run: Run, lT_N, lS_N, moments=None) -> torch.Tensor:
-    """Stop-gradient token rewards from the registry, z-scored over the whole batch if asked."""
-    rc = run.cfg.reward
-    r_N = raw_rewards(rc, lT_N, lS_N)
-    if rc.normalize == "zscore":
-        ones_N = torch.ones_like(r_N)
-        if moments is None:  # a single micro-batch: this is the whole (per-process) batch
-            moments = run.accelerator.reduce(masked_moments(r_N, ones_N), "sum")
-        r_N = zscore(r_N, ones_N, moments)
-    return r_N.detach()
-
-
 @torch.no_grad()
-def zscore_moments_prepass(run: Run, rollouts: Rollouts, mask_BT, micro, teacher_out) -> torch.Tensor:
-    rc = run.cfg.reward
+def zscore_moments_prepass(run: Run, objective: Objective, rollouts: Rollouts, mask_BT, micro, teacher) -> torch.Tensor:
+    """[count, sum, sum of squares] of the raw rewards of the whole batch (all processes)."""
     scorer = run.accelerator.unwrap_model(run.scorer)
     total = torch.zeros(3, dtype=torch.float64, device=run.accelerator.device)
-    for rows_, (lT_N, _) in zip(micro, teacher_out):
+    for rows, out in zip(micro, teacher):
         with run.accelerator.autocast():
-            lS_N = scorer(*_model_inputs(rollouts, mask_BT, rows_))
-        r_N = raw_rewards(rc, lT_N, lS_N)
+            lS_N = scorer(*_model_inputs(rollouts, mask_BT, rows))
+        r_N = objective.raw_reward(run.cfg.reward, out.lT_N, lS_N)
         total += masked_moments(r_N, torch.ones_like(r_N))
     return run.accelerator.reduce(total, "sum")
 
@@ -440,7 +347,8 @@ def validation_sampling(tc) -> SamplingParams:
 def sample_rollouts(run: Run, rows: list[dict], params: SamplingParams, repeats: int | None = None) -> Rollouts:
     cfg = run.cfg
     repeats = cfg.training.rollouts_per_prompt if repeats is None else repeats
-    prompts = chat_prompts(run.pair.tokenizer, [r["problem"] for r in rows], cfg.model_pair.instruction)
+    mp = cfg.model_pair
+    prompts = chat_prompts(run.pair.tokenizer, [r["problem"] for r in rows], mp.instruction, mp.enable_thinking)
     prompts = [p for p in prompts for _ in range(repeats)]
     return run.engine.generate(prompts, params)
 
@@ -449,21 +357,20 @@ def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator) -> RolloutEngin
     """The rollout engine of a run. HF generates in the run's precision (autocast); vLLM is
     built from the student's checkpoint and synced with the live student before each use."""
     tc = cfg.training
-    if tc.rollout_engine == "hf":
-        return HFEngine(pair.student, pair.stop_ids, pair.pad_id, tc.gen_batch_size, autocast=acc.autocast)
-    from poweropd.vllm_engine import VLLMEngine, engine_options
-
     precision = _mixed_precision(tc.mixed_precision)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision) or str(pair.student.dtype).removeprefix("torch.")
-    return VLLMEngine(
-        None,
-        pair.stop_ids,
-        pair.pad_id,
+    return make_engine(
+        tc.rollout_engine,
+        stop_ids=pair.stop_ids,
+        pad_id=pair.pad_id,
+        model=pair.student if tc.rollout_engine == "hf" else None,  # vLLM is synced with it at the start
         model_path=pair.student_path,
+        batch_size=tc.gen_batch_size,
+        autocast=acc.autocast,
         dtype=dtype,
         seed=cfg.seed + acc.process_index,
         trust_remote_code=cfg.model_pair.trust_remote_code,
-        **engine_options(tc.vllm),
+        vllm=tc.vllm,
     )
 
 
@@ -540,7 +447,7 @@ def reward_dump(run: Run) -> dict:
     scorer, lT, lS = acc.unwrap_model(run.scorer), [], []
     for rows_ in micro_batches(len(rows), tc.micro_batch_size):  # as many rows per pass as training uses
         inputs = _model_inputs(rollouts, mask_BT, rows_)
-        lT.append(teacher_score(run.pair.teacher, *inputs, tc.logprob_chunk_size)[0])
+        lT.append(score_teacher(run.pair.teacher, "logprobs", *inputs, tc.logprob_chunk_size).lT_N)
         with acc.autocast():
             lS.append(scorer(*inputs).float())
     lT_N, lS_N = torch.cat(lT), torch.cat(lS)
@@ -553,9 +460,10 @@ def reward_dump(run: Run) -> dict:
         "student_logprob": lS_N,
         "log_ratio": lT_N - lS_N,
     }
-    if rc.name not in DISTRIBUTION_LOSSES:  # per-token rewards (reward-to-go and task reward not applied)
+    objective = get_objective(rc.name)
+    if objective.reward is not None:  # per-token rewards (reward-to-go and task reward not applied)
         ones = torch.ones_like(lT_N)
-        r_N = get_reward(rc.name)(lT_N, lS_N, ones, rc)
+        r_N = objective.reward(lT_N, lS_N, ones, rc)
         arrays["reward"] = zscore(r_N, ones, masked_moments(r_N, ones)) if rc.normalize == "zscore" else r_N
     np.savez_compressed(run.run_dir / REWARD_DUMP, **{k: v.cpu().numpy() for k, v in arrays.items()})
     texts = run.pair.tokenizer.batch_decode(rollouts.completion_ids_BT, skip_special_tokens=True)
@@ -665,7 +573,7 @@ def shared_run_dir(acc: Accelerator, run_dir: Path) -> Path:
     chosen = Path(broadcast_object_list([str(run_dir)])[0])
     if chosen != run_dir and run_dir.is_dir():
         leftovers = {p.name for p in run_dir.iterdir()}
-        if leftovers <= {".hydra", "run.log"}:  # only what Hydra itself wrote there
+        if leftovers <= HYDRA_OWN:  # only what Hydra itself wrote there
             shutil.rmtree(run_dir, ignore_errors=True)
     return chosen
 
@@ -810,7 +718,7 @@ def check_resume_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
     path = run_dir / RUN_CONFIG
     if not path.exists():
         return
-    before, now = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(asdict(cfg))))
+    before, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(asdict(cfg))))
     changed = [
         k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
     ]
@@ -833,16 +741,6 @@ def restore_first_launch(run_dir: Path) -> None:
     if first.is_dir():
         for saved in first.glob("*.yaml"):
             shutil.copy2(saved, run_dir / ".hydra" / saved.name)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _postfix(metrics: dict) -> dict:

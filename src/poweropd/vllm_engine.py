@@ -5,7 +5,7 @@ Colocation follows the pattern TRL calls "colocate": the engine lives in the tra
 process (vLLM's in-process engine core, VLLM_ENABLE_V1_MULTIPROCESSING=0), and after every
 optimizer step the student's weights are copied into it with vLLM's in-place reloader
 (`collective_rpc("reload_weights", weights_iterator=...)`, which works on the CUDA and the
-CPU workers). Every rollout therefore comes from the current student, as REFERENCE.md's
+CPU workers). Every rollout therefore comes from the current student, as docs/reference.md §1's
 strictly on-policy update requires. After a sync the prefix cache is reset: KV blocks
 computed with the old weights must never be reused.
 
@@ -36,7 +36,8 @@ import time
 
 import torch
 
-from poweropd.config import ConfigError
+from poweropd.config import VLLMConfig
+from poweropd.errors import ConfigError
 from poweropd.generation import Rollouts, SamplingParams, assemble_rollouts
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,24 @@ def check_engine_model(model_config, device: str, key: str) -> None:
         )
 
 
-def engine_options(vc) -> dict:
-    """VLLMEngine's memory and compilation keywords from a `training.vllm` / `eval.vllm` section."""
-    return dict(
-        gpu_memory_utilization=vc.gpu_memory_utilization,
-        kv_cache_gib=vc.kv_cache_gib,
-        enforce_eager=vc.enforce_eager,
-        sleep=vc.sleep,
-        max_model_len=vc.max_model_len,
-    )
+def memory_options(vc, on_cuda: bool) -> dict:
+    """vllm.LLM's memory and compilation keywords from a `training.vllm` / `eval.vllm`
+    section (poweropd.config.VLLMConfig); the colocated engine and lm-eval's own vLLM model
+    type both take them from here."""
+    kv_cache_gib = vc.kv_cache_gib or (0.0 if on_cuda else CPU_KV_CACHE_GIB)
+    out = {"enforce_eager": (not on_cuda) if vc.enforce_eager is None else bool(vc.enforce_eager)}
+    if kv_cache_gib:
+        out["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    else:
+        out["gpu_memory_utilization"] = vc.gpu_memory_utilization
+    if vc.max_model_len:
+        out["max_model_len"] = vc.max_model_len
+    if not on_cuda:
+        # vLLM's CPU runner rewinds a seeded request's generator after a partial (chunked)
+        # prefill, which CPU generators cannot do ("CPU Generator does not use offset"):
+        # on CPU every prompt is prefilled whole.
+        out["enable_chunked_prefill"] = False
+    return out
 
 
 class VLLMEngine:
@@ -133,39 +143,25 @@ class VLLMEngine:
         model_path: str,
         dtype: str = "auto",
         seed: int = 0,
-        gpu_memory_utilization: float = 0.3,
-        kv_cache_gib: float = 0.0,
-        enforce_eager: bool | None = None,
-        sleep: bool = False,
-        max_model_len: int = 0,
         trust_remote_code: bool = False,
+        options=None,
+        sleep: bool = False,
     ):
+        """An engine on the checkpoint at `model_path`, synced with `model` when given.
+        `options`: a VLLMConfig (memory, compilation, context length; its defaults if None)."""
         vllm = import_vllm()
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         on_cuda = torch.cuda.is_available()
-        if not kv_cache_gib and not on_cuda:
-            kv_cache_gib = CPU_KV_CACHE_GIB
         kwargs = dict(
             model=model_path,
             skip_tokenizer_init=True,  # token ids in and out; the harness owns the tokenizer
             dtype=dtype,
             seed=seed,
-            enforce_eager=(not on_cuda) if enforce_eager is None else enforce_eager,
             generation_config="vllm",  # ignore the checkpoint's sampling defaults (Qwen3: T 0.6, top_k 20)
             trust_remote_code=trust_remote_code,
             disable_log_stats=True,
+            **memory_options(options or VLLMConfig(), on_cuda),
         )
-        if not on_cuda:
-            # vLLM's CPU runner rewinds a seeded request's generator after a partial (chunked)
-            # prefill, which CPU generators cannot do ("CPU Generator does not use offset"):
-            # on CPU every prompt is prefilled whole.
-            kwargs["enable_chunked_prefill"] = False
-        if kv_cache_gib:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
         self.sleep_enabled = bool(sleep and on_cuda)
         if sleep and not on_cuda:
             log.info("vLLM sleep mode needs CUDA; the engine stays awake on this CPU")

@@ -43,13 +43,13 @@ def _model_and_prompts(model: str, prompts: int, prompt_len: int, cache_dir: str
 
         cfg = ModelPairConfig(kind="toy", **({"cache_dir": cache_dir} if cache_dir else {}))
         pair = load_pair(cfg, torch.device(device))
-        from poweropd.rollout import chat_prompts
+        from poweropd.generation import chat_prompts
 
         rows = val_rows("toy", prompts, None)
         ids = chat_prompts(pair.tokenizer, [r["problem"] for r in rows], cfg.instruction)
         return pair.student, pair.student_path, ids, pair.stop_ids, pair.pad_id
     from poweropd.bench.step import build_model
-    from poweropd.rollout import neutralize_generation_defaults
+    from poweropd.hf_engine import neutralize_generation_defaults
 
     arch = MODELS[model]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -77,18 +77,17 @@ def measure(
     device: str,
 ) -> dict:
     """One (model, engine) measurement; runs in its own process."""
-    from poweropd.generation import SamplingParams, make_engine, sample_completions
+    from poweropd.engines import make_engine
+    from poweropd.generation import SamplingParams, sample_completions
 
     if threads:
         torch.set_num_threads(threads)
     student, folder, ids, stop_ids, pad_id = _model_and_prompts(model, prompts, prompt_len, cache_dir, device)
     student.eval().requires_grad_(False)
     started = time.perf_counter()
-    kwargs = {}
-    if engine == "vllm":
-        dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
-        kwargs = dict(model_path=folder, dtype=dtype, seed=0)
-    eng = make_engine(engine, student if engine == "hf" else None, stop_ids, pad_id, **kwargs)
+    dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+    model = student if engine == "hf" else None  # vLLM loads the saved folder
+    eng = make_engine(engine, stop_ids=stop_ids, pad_id=pad_id, model=model, model_path=folder, dtype=dtype, seed=0)
     startup = time.perf_counter() - started
     sampling = SamplingParams(max_new_tokens, temperature=1.0)
 

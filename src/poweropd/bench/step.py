@@ -58,8 +58,8 @@ def build_model(arch: Arch, dtype: torch.dtype, device: str, seed: int):
 
 def mini_pair(shapes: str, device: str, seed: int = 0):
     """A ModelPair of random-initialised Qwen3-architecture models (no tokenizer needed)."""
+    from poweropd.hf_engine import neutralize_generation_defaults
     from poweropd.models import ModelPair
-    from poweropd.rollout import neutralize_generation_defaults
 
     teacher_arch, student_arch = SHAPES[shapes]
     on_gpu = device == "cuda"
@@ -76,8 +76,8 @@ def mini_pair(shapes: str, device: str, seed: int = 0):
 def bench_run(pair, reward: str, batch: int, response: int, chunk: int, micro: int, grad_ckpt: bool):
     """A harness Run around `pair`: the trainer's accelerator, scorer and AdamW."""
     from poweropd.config import Config, RewardConfig, TrainingConfig
+    from poweropd.engines import make_engine
     from poweropd.models import StudentScorer
-    from poweropd.rollout import HFEngine
     from poweropd.train import Run, make_accelerator
 
     cfg = Config(
@@ -97,13 +97,13 @@ def bench_run(pair, reward: str, batch: int, response: int, chunk: int, micro: i
     scorer = StudentScorer(pair.student, chunk)
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-6)
     scorer, optimizer = acc.prepare(scorer, optimizer)
-    engine = HFEngine(pair.student, pair.stop_ids, pair.pad_id, autocast=acc.autocast)
+    engine = make_engine("hf", stop_ids=pair.stop_ids, pad_id=pair.pad_id, model=pair.student, autocast=acc.autocast)
     return Run(cfg, Path(tempfile.mkdtemp()), acc, pair, scorer, optimizer, None, [], None, None, engine)
 
 
 def fixed_rollouts(batch: int, prompt: int, response: int, vocab: int, device: str, seed: int = 0):
     """Full-length rollouts of random tokens (no stop token): every row has `response` tokens."""
-    from poweropd.rollout import Rollouts
+    from poweropd.generation import Rollouts
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab - 1, (batch, prompt + response), generator=gen)
@@ -130,7 +130,8 @@ def case(
     grad_ckpt: bool = False,
 ) -> dict:
     """One method at one size, in its own process: median step time by phase, peak memory."""
-    from poweropd.rollout import SamplingParams, generate
+    from poweropd.generation import SamplingParams
+    from poweropd.hf_engine import generate
     from poweropd.stats import StepClock
     from poweropd.train import opd_update
 

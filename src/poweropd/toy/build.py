@@ -61,7 +61,7 @@ def ensure_toy_pair(spec: ToyPairSpec, cache_dir: str | os.PathLike) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         open(target.with_suffix(".lock"), "a").close()
     except OSError as exc:
-        from poweropd.config import ConfigError
+        from poweropd.errors import ConfigError
 
         raise ConfigError(
             f"cannot write the toy pair's cache folder {target.parent} ({exc.strerror}); set model_pair.cache_dir "
@@ -171,7 +171,7 @@ def sft_batches(tokenizer, spec: ToyPairSpec, role: str, steps: int):
 
     Rows are grouped by length (16 batches at a time, batch order shuffled) so that
     padding costs little: the sequences are ~100 characters of varying length."""
-    from poweropd.rollout import chat_prompts  # local import: keeps toy.task torch-free
+    from poweropd.generation import chat_prompts  # local import: keeps toy.task torch-free
 
     corpus = sft_corpus(spec, role, steps * spec.batch_size)
     prompts = chat_prompts(tokenizer, [problem for problem, _ in corpus])
@@ -242,8 +242,9 @@ def train_sft(model_spec: ToyModelSpec, spec: ToyPairSpec, tokenizer, role: str,
 def greedy_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 128, openings=()) -> float:
     """Greedy accuracy on `rows`. With `openings`, every response is forced to begin with one
     of them (cycled over the rows) and the model writes the rest."""
+    from poweropd.generation import SamplingParams, chat_prompts
     from poweropd.grading import extract_boxed
-    from poweropd.rollout import SamplingParams, chat_prompts, generate
+    from poweropd.hf_engine import generate
 
     prompts = chat_prompts(tokenizer, [r["problem"] for r in rows])
     if openings:
