@@ -6,7 +6,8 @@
     accelerate launch run.py model_pair=qwen3_4b_0.6b training=paper reward=power reward.alpha=500
 
 Re-running with hydra.run.dir=<an existing run directory> resumes it from its last
-checkpoint (or does nothing if its summary.json says it finished).
+checkpoint (or does nothing if its summary.json says it finished). SIGTERM, SIGINT (Ctrl-C),
+SIGUSR1/2 stop a run after the update in flight, with a checkpoint of that step.
 """
 
 import sys
@@ -35,6 +36,9 @@ def main(dictcfg) -> float | None:
         remove_refused_run_dir(run_dir)  # a refused run leaves no directory behind
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one asks the run to checkpoint and stop
+        print(f"interrupted: {run_dir} keeps its last checkpoint; the same command resumes", file=sys.stderr)
+        raise SystemExit(130) from None
     return summary.get("val_accuracy_final")
 
 

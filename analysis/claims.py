@@ -24,12 +24,19 @@ class Claim:
     verdict: str  # reproduced | partly reproduced | not reproduced | no data
 
 
-def load_dump(run_dir: str | Path) -> dict[str, np.ndarray] | None:
+def load_dump(run_dir: str | Path, problems: list[str] | None = None) -> dict[str, np.ndarray] | None:
+    """A run's reward dump, or None when it has none or it does not read back (a truncated
+    or corrupt file is listed in `problems`, and the caller picks another run)."""
     path = Path(run_dir) / "reward_dump.npz"
     if not path.is_file():
         return None
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - zipfile / numpy / OS errors all mean "unreadable"
+        if problems is not None:
+            problems.append(f"{path}: unreadable reward dump ({exc.__class__.__name__}); another run's is used")
+        return None
 
 
 def first_dump(runset: RunSet, prefer: str = "vanilla") -> tuple[str, dict] | None:
@@ -40,7 +47,7 @@ def first_dump(runset: RunSet, prefer: str = "vanilla") -> tuple[str, dict] | No
         return None
     order = sorted((row for _, row in runs.iterrows()), key=lambda row: row.get("reward.name") != prefer)
     for row in order:
-        dump = load_dump(row["run_dir"])
+        dump = load_dump(row["run_dir"], runset.problems)
         if dump is not None and len(dump.get("log_ratio", [])):
             return row["run_id"], dump
     return None

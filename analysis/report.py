@@ -67,7 +67,7 @@ def build_report(
 
     # Figures -----------------------------------------------------------------------------
     md.append("## Figures\n")
-    dump_of = claims_mod.first_dump(RunSet(finished, curves))
+    dump_of = claims_mod.first_dump(RunSet(finished, curves, runset.problems))  # a broken dump joins the problems
     power_alphas = (
         sorted({float(a) for a in finished[finished["reward.name"] == "power"]["reward.alpha"]})
         if "reward.name" in finished

@@ -15,8 +15,8 @@ from conftest import CONF_DIR, MICRO_PAIR, MICRO_TRAINING, ROOT
 
 from poweropd.cli import check_every_job
 from poweropd.errors import ConfigError
+from poweropd.files import write_json_atomic
 from poweropd.objectives import objective_names
-from poweropd.tracking import write_json_atomic
 
 
 def run_py(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

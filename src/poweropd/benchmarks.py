@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from poweropd.errors import ConfigError
+from poweropd.files import jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -188,26 +189,23 @@ def read_jsonl(path: str | os.PathLike, required=("id", "problem", "answer")) ->
             f"holding {path.name}, or unset it to download from the hub"
         )
     rows, seen = [], {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if row.get(k) is None or str(row.get(k)).strip() == ""]
-            if missing:
-                raise ConfigError(f"{path}:{lineno}: missing or empty field(s) {', '.join(missing)}")
-            for key in ("id", "problem", "answer"):
-                if key in row and not isinstance(row[key], str):
-                    row[key] = _as_text(row[key])
-            if row["id"] in seen:
-                raise ConfigError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
-            seen[row["id"]] = lineno
-            rows.append(row)
+    for lineno, line in jsonl_lines(path, "re-save the file as UTF-8, or fix or remove that line"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if row.get(k) is None or str(row.get(k)).strip() == ""]
+        if missing:
+            raise ConfigError(f"{path}:{lineno}: missing or empty field(s) {', '.join(missing)}")
+        for key in ("id", "problem", "answer"):
+            if key in row and not isinstance(row[key], str):
+                row[key] = _as_text(row[key])
+        if row["id"] in seen:
+            raise ConfigError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+        seen[row["id"]] = lineno
+        rows.append(row)
     if not rows:
         raise ConfigError(f"data file {path} is empty; expected one JSON object per line")
     return rows

@@ -11,38 +11,155 @@ A checkpoint is written into a temporary folder, verified (every file there, the
 weights readable and finite), renamed into place, and only then does `latest` move to it and
 do older checkpoints get pruned: a kill or a failure at any moment leaves either the previous
 complete checkpoint or the new one, never half of one, and never removes the last good one.
-Non-finite weights are never written.
+Non-finite weights are never written; a full disk fails the save in one line and leaves the
+previous checkpoint as it was.
+
+Resuming (`resume_from_newest`) does not trust `latest`: it tries the step folders newest
+first, skips each one that is incomplete, unreadable or fails to load (saying why, in one
+line), and refuses rather than starting over when checkpoints exist but none can be used.
+A checkpoint without the RNG state of every process would resume inexactly (other rollouts
+than an uninterrupted run): it is skipped unless training.allow_inexact_resume=true.
+
+A checkpoint being read by another process (`evaluate.py checkpoint=latest` while the run
+trains) holds a shared lock (`in_use`) that pruning respects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from poweropd.tracking import CHECKPOINTS, write_text_atomic
+from poweropd.errors import ConfigError
+from poweropd.files import FileProblem, is_disk_full, read_json_object, write_text_atomic
+from poweropd.tracking import CHECKPOINTS
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+IN_USE = ".in_use"
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Every step folder under checkpoints/, newest first (temporaries excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / CHECKPOINTS / LATEST
-    if not pointer.exists():
-        return None
-    path = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    return path if (path / TRAINER_STATE).exists() else None
+    """What `latest` names when that checkpoint is usable, else the newest usable step folder."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    with contextlib.suppress(OSError):
+        named = Path(run_dir) / CHECKPOINTS / pointer.read_text().strip()
+        if pointer.read_text().strip() and unusable(named) is None:
+            return named
+    return next((p for p in step_checkpoints(run_dir) if unusable(p) is None), None)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ConfigError):
     """A checkpoint could not be written or did not verify; the previous one is kept."""
+
+
+def unusable(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (cheap checks: files present,
+    trainer state parseable, safetensors headers whole), or None."""
+    from safetensors import safe_open
+
+    if not (path / TRAINER_STATE).is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        state = read_json_object(path / TRAINER_STATE)
+        int(state["step"])
+    except FileProblem as exc:
+        return str(exc).split(";")[0].replace(str(path) + "/", "")
+    except (KeyError, TypeError, ValueError):
+        return f"{TRAINER_STATE} has no step"
+    for weights in (path / "model.safetensors", path / "state" / "model.safetensors"):
+        if not weights.is_file() or weights.stat().st_size == 0:
+            return f"{weights.relative_to(path)} is missing or empty"
+        try:
+            with safe_open(str(weights), framework="pt") as saved:
+                saved.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{weights.relative_to(path)} is corrupt ({str(exc).splitlines()[0][:80]})"
+    optimizer = path / "state" / "optimizer.bin"
+    if not optimizer.is_file() or optimizer.stat().st_size == 0:
+        return "state/optimizer.bin is missing or empty"
+    return None
+
+
+def missing_rng_states(path: Path, processes: int) -> list[str]:
+    return [
+        f"random_states_{i}.pkl"
+        for i in range(processes)
+        if not (path / "state" / f"random_states_{i}.pkl").is_file()
+        or (path / "state" / f"random_states_{i}.pkl").stat().st_size == 0
+    ]
+
+
+def resume_from_newest(run_dir: Path, accelerator, allow_inexact: bool = False) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that can be resumed from (model, optimizer, RNG restored in
+    place); returns (its path, its trainer state), or None when the run has none. Raises
+    ConfigError when checkpoints exist but none can be used."""
+    candidates = step_checkpoints(run_dir)
+    if not candidates:
+        return None
+    skipped: list[str] = []
+    for path in candidates:
+        reason = unusable(path)
+        missing = [] if reason else missing_rng_states(path, accelerator.num_processes)
+        if missing and not allow_inexact:
+            reason = (
+                f"no {', '.join(missing)} (resuming would not be exact; training.allow_inexact_resume=true accepts it)"
+            )
+        if reason is None:
+            try:
+                state = load_checkpoint(path, accelerator)
+            except Exception as exc:  # noqa: BLE001 - torch / pickle / safetensors: any failure means "skip it"
+                reason = (
+                    f"does not load ({exc.__class__.__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+                )
+        if reason is not None:
+            skipped.append(f"{path.name}: {reason}")
+            continue
+        if missing:
+            log.warning(
+                "resuming from %s without %s: the run continues, but not exactly as it would have",
+                path.name,
+                ", ".join(missing),
+            )
+        if skipped:
+            log.warning("resuming from %s; skipped newer checkpoint(s): %s", path.name, "; ".join(skipped))
+        return path, state
+    raise ConfigError(
+        f"{Path(run_dir) / CHECKPOINTS} holds {len(candidates)} checkpoint(s) but none can be resumed from "
+        f"({'; '.join(skipped)}); restore one, or move checkpoints/ away to start the run over"
+    )
+
+
+@contextlib.contextmanager
+def checkpoint_in_use(path: Path):
+    """Hold a shared lock on a checkpoint while it is read, so that pruning leaves it alone."""
+    lock = Path(path) / IN_USE
+    try:
+        handle = open(lock, "a")  # noqa: SIM115
+    except OSError:  # pruned before we got here, or read-only: nothing to protect
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
 
 
 def weights_finite(model) -> bool:
@@ -73,16 +190,28 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
     root = run_dir / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(lm).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+            verify_checkpoint(tmp, accelerator.unwrap_model(lm))  # before anything older is touched
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
+        if not is_disk_full(exc):
+            raise
+        kept = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"writing checkpoint {final.name} failed: no space left on device in {root}; "
+            + (f"the last verified checkpoint {kept.name} is intact; " if kept else "no earlier checkpoint exists; ")
+            + "free space and run the same command to resume"
+        ) from None
     if accelerator.is_main_process:
-        accelerator.unwrap_model(lm).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        verify_checkpoint(tmp, accelerator.unwrap_model(lm))  # before anything older is touched
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, final.name)
@@ -94,11 +223,19 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
 def _prune(root: Path, keep: int, newest: str) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
-        if old.name != newest:
+        if old.name == newest:
+            continue
+        with open(old / IN_USE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process is reading it: pruned at the next save
+                log.info("not pruning %s: another process is reading it", old.name)
+                continue
             shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, accelerator) -> dict:
     """Restore model, optimizer and RNG states in place; return the trainer state."""
+    state = read_json_object(path / TRAINER_STATE)
     accelerator.load_state(str(path / "state"))
-    return json.loads((path / TRAINER_STATE).read_text())
+    return state

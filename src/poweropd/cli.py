@@ -17,7 +17,7 @@ from typing import Any
 
 from poweropd.config import Config, register_configs, schema_fields, to_config
 from poweropd.errors import ConfigError
-from poweropd.tracking import HYDRA_OWN
+from poweropd.tracking import HYDRA_OWN, LOCK
 
 GROUPS = ("model_pair", "reward", "method", "training", "logger", "experiment")
 EVAL_GROUPS = ("model_pair", "eval")
@@ -190,8 +190,24 @@ def remove_refused_run_dir(run_dir: Path) -> None:
     import shutil
 
     run_dir = Path(run_dir)
+    if _locked_by_another(run_dir / LOCK):  # a run is starting there: its directory is not ours to remove
+        return
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _locked_by_another(lock: Path) -> bool:
+    import fcntl
+
+    if not lock.exists():
+        return False
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def _is_sweep(line: str) -> bool:

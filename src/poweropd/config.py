@@ -198,12 +198,27 @@ class TrainingConfig:
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", 50)
     cpu_threads: int = _help("torch CPU threads per run (0 = torch's default; 1 for parallel CPU sweeps)", 0)
     keep_checkpoints: int = _help("how many step checkpoints to keep", 1)
+    allow_inexact_resume: bool = _help(
+        "resume from a checkpoint that lacks some process's RNG state (the run goes on, not exactly as it would have)",
+        False,
+    )
+    max_prompt_tokens: int = _help(
+        "training prompts longer than this (tokens of the problem text) are skipped and counted", 2048
+    )
     max_skipped_updates: int = _help(
         "stop the run after this many updates in a row were skipped for a non-finite loss or gradient", 3
     )
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "rollouts_per_prompt", "lr", "max_new_tokens", "logprob_chunk_size"):
+        for key in (
+            "steps",
+            "batch_size",
+            "rollouts_per_prompt",
+            "lr",
+            "max_new_tokens",
+            "logprob_chunk_size",
+            "max_prompt_tokens",
+        ):
             _positive(f"training.{key}", getattr(self, key))
         for key in (
             "micro_batch_size",

@@ -13,6 +13,9 @@ from poweropd.benchmarks import load_benchmark
 from poweropd.errors import ConfigError
 
 TOY_TRAIN_POOL = 20_000  # distinct toy training prompts; the sampler cycles through them
+# A prompt this many UTF-8 bytes per allowed token is refused without tokenising it (no
+# tokenizer packs more into one token in practice; a 10 MB line never reaches the tokenizer).
+BYTES_PER_TOKEN_BOUND = 64
 
 
 def train_rows(source: str, data_dir: str | None) -> list[dict]:
@@ -39,6 +42,29 @@ def val_rows(source: str, n: int, data_dir: str | None, seed: int = 0) -> list[d
         return rows
     pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
     return [rows[i] for i in sorted(pick)]
+
+
+def bound_prompts(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], list[str]]:
+    """The rows whose problem text is at most `max_tokens` tokens, and the ids of the others.
+
+    Byte-level tokenizers emit at most one token per UTF-8 byte, so a problem of at most
+    `max_tokens` bytes is kept without tokenising it; one of more than BYTES_PER_TOKEN_BOUND
+    bytes per allowed token is dropped without tokenising it; only the ones between are
+    counted exactly."""
+    kept, skipped = [], []
+    for row in rows:
+        size = len(row["problem"].encode("utf-8"))
+        too_long = size > max_tokens and (
+            size > BYTES_PER_TOKEN_BOUND * max_tokens
+            or len(tokenizer(row["problem"], add_special_tokens=False)["input_ids"]) > max_tokens
+        )
+        (skipped if too_long else kept).append(row["id"] if too_long else row)
+    if not kept:
+        raise ConfigError(
+            f"every one of the {len(rows)} training prompts is longer than training.max_prompt_tokens={max_tokens}; "
+            "raise it, or check the training data"
+        )
+    return kept, skipped
 
 
 class PromptSampler:

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,12 +38,14 @@ from typing import Protocol
 import torch
 
 from poweropd.benchmarks import Benchmark, get_benchmark, load_benchmark, suite_benchmarks
+from poweropd.checkpoint import checkpoint_in_use
 from poweropd.config import EvalConfig, EvaluateConfig, ModelPairConfig
 from poweropd.errors import ConfigError
+from poweropd.files import FileProblem, read_json_object, read_jsonl_lenient, write_json_atomic, write_text_atomic
 from poweropd.generation import Completion, SamplingParams, chat_prompts, sample_completions
 from poweropd.grading import Grade, Grader
 from poweropd.toy.spec import ToyPairSpec
-from poweropd.tracking import FINAL_MODEL, RUN_CONFIG, write_json_atomic, write_text_atomic
+from poweropd.tracking import FINAL_MODEL, RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,10 @@ def target_pair(cfg: EvaluateConfig) -> ModelPairConfig:
     run_dir = Path(cfg.run_dir).expanduser()
     if not (run_dir / RUN_CONFIG).is_file():
         raise ConfigError(f"run_dir={run_dir} holds no {RUN_CONFIG}; point run_dir at a training run directory")
-    return pair_config_from_dict(json.loads((run_dir / RUN_CONFIG).read_text())["model_pair"])
+    recorded = read_json_object(run_dir / RUN_CONFIG, "restore it, or evaluate the student folder with model=<path>")
+    if not isinstance(recorded.get("model_pair"), dict):
+        raise FileProblem(f"{run_dir / RUN_CONFIG} has no model_pair section; restore it, or use model=<path>")
+    return pair_config_from_dict(recorded["model_pair"])
 
 
 def resolve_target(cfg: EvaluateConfig, pair: ModelPairConfig) -> EvalTarget:
@@ -263,26 +270,32 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     target = resolve_target(cfg, pair)
     folder = target.out_dir / EVAL_DIR / suite
     settings = settings_of(ec, target, cfg.seed)
-    todo = [b for b in benchmarks if not _finished(folder, b, settings, ec.overwrite)]
-    data = {b.name: load_benchmark(b.name, ec.data_dir, ec.limit) for b in todo}  # data errors before model load
+    data = {b.name: load_benchmark(b.name, ec.data_dir, ec.limit) for b in benchmarks}  # data errors before model load
+    todo = [b for b in benchmarks if not _finished(folder, b, settings, ec.overwrite, data[b.name])]
+    data = {b.name: data[b.name] for b in todo}
 
     results: dict[str, dict] = {b.name: _read_finished(folder, b) for b in benchmarks if b not in todo}
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         if engine_kind == "vllm":
             check_vllm_target(target, engine_key)
-        model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype, weights=engine_kind == "hf")
-        # Each benchmark's prompts are tokenised once: for the context check and for generation.
-        prompts_of = {
-            name: chat_prompts(
-                tokenizer, [r["problem"] for r in rows], target.pair.instruction, target.pair.enable_thinking
-            )
-            for name, rows in data.items()
-        }
-        max_new = _fit_context(model.config, prompts_of, ec.max_new_tokens)
+        # A checkpoint of a run that is still training is held against pruning while it loads.
+        with checkpoint_in_use(Path(target.model_path)) if cfg.run_dir and cfg.checkpoint != "final" else nullcontext():
+            if not Path(target.model_path).is_dir() and cfg.run_dir:
+                raise ConfigError(f"checkpoint {target.model_path} was removed before it could load; run again")
+            model, tokenizer, stop_ids, pad_id = load_model(target, ec.dtype, weights=engine_kind == "hf")
+            check_prompt_sizes(data, getattr(model.config, "max_position_embeddings", None))
+            # Each benchmark's prompts are tokenised once: for the context check and for generation.
+            prompts_of = {
+                name: chat_prompts(
+                    tokenizer, [r["problem"] for r in rows], target.pair.instruction, target.pair.enable_thinking
+                )
+                for name, rows in data.items()
+            }
+            max_new = _fit_context(model.config, prompts_of, ec.max_new_tokens)
+            engine = eval_engine(ec, target, model, stop_ids, pad_id, cfg.seed) if ec.backend != "lm_eval" else None
         backend = None
-        if ec.backend != "lm_eval":
-            engine = eval_engine(ec, target, model, stop_ids, pad_id, cfg.seed)
+        if engine is not None:
             # vLLM schedules its own batches: it gets every sample of a benchmark at once.
             batch = ec.batch_size if engine.name == "hf" else max(1, max(len(p) for p in data.values()) * ec.n)
             backend = EngineBackend(engine, tokenizer, batch)
@@ -433,6 +446,23 @@ def check_vllm_target(target: EvalTarget, key: str) -> None:
     check_engine_model(config, "cuda" if torch.cuda.is_available() else "cpu", key)
 
 
+def check_prompt_sizes(data: dict[str, list[dict]], window: int | None) -> None:
+    """Refuse, before tokenising anything, a problem far longer than any context window
+    (BYTES_PER_TOKEN_BOUND UTF-8 bytes per token of the model's window)."""
+    from poweropd.data import BYTES_PER_TOKEN_BOUND
+
+    if not window:
+        return
+    for name, rows in data.items():
+        for row in rows:
+            size = len(row["problem"].encode("utf-8"))
+            if size > BYTES_PER_TOKEN_BOUND * window:
+                raise ConfigError(
+                    f"{name}: problem {row['id']!r} is {size:,} bytes, far more than the model's context window "
+                    f"({window} tokens) can hold; fix the data file, or leave that problem out"
+                )
+
+
 def _fit_context(model_config, prompts_of: dict[str, list[list[int]]], wanted: int) -> int:
     """Never ask for more new tokens than the context window leaves after the longest prompt."""
     window = getattr(model_config, "max_position_embeddings", None)
@@ -452,12 +482,23 @@ def _bench_seed(seed: int, name: str) -> int:
     return seed * 1_000_003 + sum(ord(ch) * 31**i for i, ch in enumerate(name)) % 1_000_003
 
 
-def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool) -> bool:
+def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool, rows: list[dict]) -> bool:
+    """Whether `bench` is already evaluated with `settings`: its JSON reads back and its
+    samples file holds exactly n samples of every problem of `rows`. A result that does not
+    read back, or whose samples do not match it, is set aside (`.corrupt`) and redone."""
     path = folder / f"{bench.name}.json"
     if not path.is_file():
         return False
-    done = json.loads(path.read_text())
+    try:
+        done = read_json_object(path)
+    except FileProblem as exc:
+        _set_aside(folder, bench, f"{exc}".split(";")[0])
+        return False
     if done.get("settings") == settings:
+        problem = _samples_problem(folder / f"{bench.name}.samples.jsonl", rows, int(settings["n"]))
+        if problem is not None:
+            _set_aside(folder, bench, problem)
+            return False
         log.info("%s already evaluated with these settings (%s); skipping", bench.name, path)
         return True
     if overwrite:
@@ -469,8 +510,34 @@ def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool) -
     )
 
 
+def _samples_problem(path: Path, rows: list[dict], n: int) -> str | None:
+    """Why a samples file does not back its benchmark JSON (count, ids), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    records, bad = read_jsonl_lenient(path)
+    if bad:
+        return f"{path.name} has {len(bad)} unreadable line(s)"
+    per_id: dict = {}
+    for record in records:
+        per_id[record.get("id")] = per_id.get(record.get("id"), 0) + 1
+    expected = {row["id"] for row in rows}
+    if set(per_id) != expected or any(count != n for count in per_id.values()):
+        found = f"{len(records)} samples of {len(per_id)} problems"
+        return f"{path.name} holds {found}, expected {n} of each of {len(expected)}"
+    return None
+
+
+def _set_aside(folder: Path, bench: Benchmark, why: str) -> None:
+    for name in (f"{bench.name}.json", f"{bench.name}.samples.jsonl"):
+        if (folder / name).exists():
+            os.replace(folder / name, folder / f"{name}.corrupt")
+    log.warning(
+        "%s: %s; kept as *.corrupt beside it, evaluating %s again", folder / f"{bench.name}.json", why, bench.name
+    )
+
+
 def _read_finished(folder: Path, bench: Benchmark) -> dict:
-    return json.loads((folder / f"{bench.name}.json").read_text())
+    return read_json_object(folder / f"{bench.name}.json")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

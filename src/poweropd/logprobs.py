@@ -8,7 +8,8 @@ positions never reach the lm-head) and the lm-head weight (weight_VD). Tokens ar
 dropped. On the Qwen3 vocabulary (V = 151,936) one fp32 chunk of 1024 tokens is 0.6 GB,
 where the naive log_softmax of a 32 x 1024-token batch would be 20 GB.
 
-Three kernels, all exact (tests/test_logprobs.py compares them with naive autograd):
+Five kernels, all exact (tests/test_logprobs.py and tests/test_objectives.py compare them
+with naive autograd); the first three:
 
 - `sampled_logprobs`: log pi(token) per row, differentiable. Stores only its inputs and
   the per-token log-normaliser (N floats); the backward recomputes each chunk's logits (one
@@ -24,6 +25,10 @@ Three kernels, all exact (tests/test_logprobs.py compares them with naive autogr
   formed in the forward as well. Two [chunk, V] buffers (student and teacher log-probs,
   reused in place for the softmax and the logit gradient), which is the least the exact
   KL needs without splitting the vocabulary.
+
+The vocabulary objectives beyond the paper (poweropd.objectives) add `generalized_jsd`
+(TRL's generalised JSD) and `topk_forward_kl` (verl's top-k forward KL, fed by
+`teacher_topk`), each run one chunk at a time inside torch.utils.checkpoint.
 
 Precision: logits, normalisers and every reduction are fp32. Weights are never copied to
 fp32 as a whole: a bf16 lm-head multiplies in bf16 (fp32 output on CUDA, as Hugging Face's

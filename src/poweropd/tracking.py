@@ -18,14 +18,25 @@ The local files are the source of truth; W&B (logger=wandb) only mirrors metrics
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import secrets
-import tempfile
+import socket
+import time
 from pathlib import Path
+
+from poweropd.errors import ConfigError
+from poweropd.files import (
+    DiskFull,
+    is_disk_full,
+    read_jsonl_lenient,
+    unreadable_lines,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +49,46 @@ SUMMARY = "summary.json"
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "student"
-# What Hydra itself writes into a run directory before any harness code runs.
-HYDRA_OWN = frozenset({".hydra", "run.log"})
+LOCK = ".lock"  # held (flock) by the process that runs in the directory, for its lifetime
+# What a launch writes into a run directory before any of the run's own files: Hydra's files
+# and the run lock. A directory holding only these has no run in it.
+HYDRA_OWN = frozenset({".hydra", "run.log", LOCK})
+
+
+class RunLock:
+    """An OS-level exclusive lock on a run directory (flock on <run_dir>/.lock): released by
+    the kernel when the process ends, however it ends, so a killed run never leaves a stale
+    lock. A second process on the same directory is refused in one line naming the holder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.handle = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"{self.path.parent} is in use by {holder}; wait for that run to end (or stop it), "
+                "or choose another hydra.run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -57,33 +106,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file of a unique name in the same folder,
-    so that two processes writing the same file never trip over each other's temporary."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable))
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def _clean(value):
     """NaN / inf are not JSON; write them as null so every line parses everywhere."""
     if hasattr(value, "item"):
@@ -95,23 +117,6 @@ def _clean(value):
     return value
 
 
-def read_jsonl_lenient(path: Path) -> tuple[list[dict], list[int]]:
-    """All parseable lines of a JSONL file, and the numbers of the lines that were not
-    (a run killed mid-write leaves at most one partial last line)."""
-    rows, bad = [], []
-    if not path.exists():
-        return rows, bad
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad.append(lineno)
-    return rows, bad
-
-
 class JsonlWriter:
     """Append-only JSONL file, flushed per line so a killed run loses at most one line."""
 
@@ -120,15 +125,26 @@ class JsonlWriter:
         self._handle = None
 
     def write(self, record: dict) -> None:
-        if self._handle is None:
-            self._handle = self.path.open("a", encoding="utf-8")
-        self._handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            if self._handle is None:
+                self._handle = self.path.open("a", encoding="utf-8")
+            self._handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._handle = None  # the partial line is set aside by the resume
+            raise DiskFull(
+                f"writing {self.path} failed: no space left on device; the run's last checkpoint is intact: "
+                "free space and run the same command to resume"
+            ) from None
 
-    def truncate_after(self, step: int) -> int:
-        """Drop every line whose step is > `step` (work a resumed run will redo) and any
-        partial line. Dropped lines are kept in <name>.discarded for the record."""
+    def truncate_after(self, step: int) -> tuple[int, list[int]]:
+        """Drop every line whose step is > `step` (work a resumed run will redo) and every
+        unreadable line (a partial line of a killed write, a cut or corrupted file). Both are
+        kept in <name>.discarded for the record, unreadable ones as their raw text.
+        Returns (lines dropped, line numbers that were unreadable)."""
         self.close()
         rows, bad = read_jsonl_lenient(self.path)
         keep = [r for r in rows if r.get("step", -1) <= step]
@@ -137,8 +153,10 @@ class JsonlWriter:
             with self.path.with_suffix(".discarded").open("a", encoding="utf-8") as handle:
                 for row in dropped:
                     handle.write(json.dumps(row) + "\n")
+                for text in unreadable_lines(self.path, bad):
+                    handle.write(text + "\n")
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-        return len(dropped) + len(bad)
+        return len(dropped), bad
 
     def close(self) -> None:
         if self._handle is not None:
@@ -159,14 +177,27 @@ class Tracker:
         if enabled and logger_cfg.name == "wandb":
             self.wandb = _start_wandb(run_dir, logger_cfg, config_dict)
 
-    def rewind(self, step: int) -> None:
-        """Prepare the files for a run resumed after `step`."""
+    def rewind(self, step: int) -> list[int]:
+        """Prepare the files for a run resumed after `step`; returns the metrics.jsonl line
+        numbers that were unreadable (kept in metrics.discarded, counted in the summary)."""
         if not self.enabled:
-            return
+            return []
+        unreadable = []
         for writer in (self.metrics, self.positions, self.samples):
-            dropped = writer.truncate_after(step)
+            dropped, bad = writer.truncate_after(step)
             if dropped:
                 log.info("resume: set aside %d line(s) of %s written after step %d", dropped, writer.path.name, step)
+            if bad:
+                log.warning(
+                    "resume: %d unreadable line(s) of %s (lines %s) kept in %s",
+                    len(bad),
+                    writer.path.name,
+                    ", ".join(map(str, bad[:5])),
+                    writer.path.with_suffix(".discarded").name,
+                )
+            if writer is self.metrics:
+                unreadable = bad
+        return unreadable
 
     def start_fresh(self) -> None:
         """A run starting at step 0 in a directory that has old files keeps them aside."""

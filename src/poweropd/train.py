@@ -29,7 +29,9 @@ import json
 import logging
 import math
 import shutil
+import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,11 +42,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from poweropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_finite
+from poweropd.checkpoint import resume_from_newest, save_checkpoint, step_checkpoints, weights_finite
 from poweropd.config import Config
-from poweropd.data import PromptSampler, train_rows, val_rows
+from poweropd.data import PromptSampler, bound_prompts, train_rows, val_rows
 from poweropd.engines import make_engine
 from poweropd.errors import ConfigError
+from poweropd.files import read_json_object, read_jsonl_lenient, write_json_atomic
 from poweropd.generation import RolloutEngine, Rollouts, SamplingParams, chat_prompts
 from poweropd.grading import Grader
 from poweropd.models import ModelPair, StudentScorer, load_pair, score_teacher
@@ -59,10 +62,9 @@ from poweropd.tracking import (
     REWARD_DUMP_ROLLOUTS,
     RUN_CONFIG,
     SUMMARY,
+    RunLock,
     Tracker,
     flatten,
-    read_jsonl_lenient,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Run:
     tracker: Tracker
     grader: Grader  # the evaluation grader (math-verify + normalisation, time-bounded)
     engine: RolloutEngine  # samples rollouts: HF generate on the student, or a colocated vLLM engine
+    skipped_prompts: int = 0  # training prompts left out for being longer than training.max_prompt_tokens
 
     @property
     def student(self):
@@ -519,21 +522,38 @@ def train(cfg: Config, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.training.cpu_threads)
     acc = make_accelerator(cfg)
     run_dir = shared_run_dir(acc, run_dir)
+    lock = RunLock(run_dir)
+    if acc.is_main_process:  # one process per run directory, for the whole run
+        try:
+            lock.acquire()
+        except ConfigError:
+            restore_first_launch(run_dir)  # this refused launch's Hydra rewrote .hydra/ of the running one
+            raise
+    try:
+        return _train(cfg, run_dir, acc, wall_start)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> dict:
     if (run_dir / SUMMARY).exists():
-        previous = json.loads((run_dir / SUMMARY).read_text())
-        if previous.get("status") == "finished" or latest_checkpoint(run_dir) is None:
+        previous = read_json_object(
+            run_dir / SUMMARY, "delete it to resume the run from its last checkpoint (the metrics are kept)"
+        )
+        if previous.get("status") == "finished" or not step_checkpoints(run_dir):
             if acc.is_main_process:
                 restore_first_launch(run_dir)  # Hydra rewrote .hydra/ for this launch: undo it
             log.info("%s already holds an ended run (summary.json); nothing to do", run_dir)
             return previous
+    # From the moment a run's config is recorded, a different one is refused (before any
+    # model is loaded, and before anything of the old run is moved away).
+    check_resume_config(cfg, run_dir, acc.is_main_process)
+    if (run_dir / SUMMARY).exists():
         # A run that stopped early (non-finite updates, collapse) resumes from its last good
         # checkpoint; its old summary is kept beside the new one.
         if acc.is_main_process:
             (run_dir / SUMMARY).rename(run_dir / f"summary.{previous.get('status')}.step{previous.get('steps')}.json")
         acc.wait_for_everyone()
-    # From the moment a run's config is recorded, a different one is refused (before any
-    # model is loaded, and before anything of the old run is moved away).
-    check_resume_config(cfg, run_dir, acc.is_main_process)
     check_engine(cfg)
     run = setup_run(cfg, run_dir, acc)
     try:
@@ -588,6 +608,15 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     val = val_rows(tc.val_data, tc.val_size, tc.data_dir)
     with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
         pair = load_pair(cfg.model_pair, acc.device)
+    rows, too_long = bound_prompts(rows, pair.tokenizer, tc.max_prompt_tokens)
+    if too_long:
+        log.warning(
+            "skipped %d training prompt(s) longer than training.max_prompt_tokens=%d (ids %s%s)",
+            len(too_long),
+            tc.max_prompt_tokens,
+            ", ".join(map(str, too_long[:3])),
+            ", ..." if len(too_long) > 3 else "",
+        )
     pair.student.train()  # from_pretrained returns eval mode; train mode turns on checkpointing (dropout is 0)
     if tc.gradient_checkpointing:
         pair.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -602,23 +631,23 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     engine = build_engine(cfg, pair, acc)
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
     sampler = PromptSampler(rows, cfg.seed)
-    return Run(cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader(), engine)
+    return Run(cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader(), engine, len(too_long))
 
 
 def _loop(run: Run, wall_start: float) -> dict:
     cfg, acc, tracker = run.cfg, run.accelerator, run.tracker
     tc = cfg.training
-    start_step, resumed_from = 0, None
-    checkpoint = latest_checkpoint(run.run_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, acc)
+    start_step, resumed_from, discarded = 0, None, []
+    resumed = resume_from_newest(run.run_dir, acc, tc.allow_inexact_resume)
+    if resumed is not None:
+        checkpoint, state = resumed
         start_step = resumed_from = int(state["step"])
         run.sampler.load_state_dict(state["sampler"])
-        tracker.rewind(start_step)
+        discarded = tracker.rewind(start_step)
         log.info("resumed from %s (step %d of %d)", checkpoint, start_step, tc.steps)
     if run.engine.name != "hf":  # the engine starts from the checkpoint the student was loaded from
         log.info("%s engine synced with the student in %.2f s", run.engine.name, run.engine.sync(run.student))
-    if checkpoint is None:
+    if resumed is None:
         tracker.start_fresh()
         if acc.is_main_process:
             record_run_config(run)
@@ -638,45 +667,62 @@ def _loop(run: Run, wall_start: float) -> dict:
         disable=not acc.is_main_process,
         dynamic_ncols=True,
     )
-    for step in range(start_step + 1, tc.steps + 1):
-        lr = lr_at(tc, step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        batch = run.sampler.next_batch(global_prompts)
-        rows = batch[acc.process_index * share : (acc.process_index + 1) * share]
-        metrics, tokens = opd_step(run, rows)
-        metrics["lr"] = lr
-        if run.val and ((tc.val_every and step % tc.val_every == 0) or step == tc.steps):
-            metrics.update(validate(run, step))
-        tracker.log(step, metrics)
-        if tokens and tokens["pos"].numel() and tc.position_stats_every and step % tc.position_stats_every == 0:
-            tracker.log_positions(step, position_stats(tokens))
-        reason = metrics.get("skip_reason")
-        empty_streak = empty_streak + 1 if reason == "empty" else 0
-        nonfinite_streak = nonfinite_streak + 1 if reason in NONFINITE_REASONS else 0
-        bar.update()
-        bar.set_postfix(_postfix(metrics), refresh=False)
-        if empty_streak >= MAX_EMPTY_BATCHES:
-            status = "collapsed"
-            log.warning("%d batches in a row had no valid completion token; stopping at step %d", empty_streak, step)
-            break
-        if nonfinite_streak >= tc.max_skipped_updates:
-            status = "nonfinite"
-            break
-        if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-            if not weights_finite(run.student):  # never checkpoint them (the skip guard should make this unreachable)
-                status = "nonfinite"
-                log.error("the student's weights are not finite at step %d; not checkpointing them", step)
+    with GracefulStop() as stop:
+        for step in range(start_step + 1, tc.steps + 1):
+            lr = lr_at(tc, step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            batch = run.sampler.next_batch(global_prompts)
+            rows = batch[acc.process_index * share : (acc.process_index + 1) * share]
+            metrics, tokens = opd_step(run, rows)
+            metrics["lr"] = lr
+            if run.val and ((tc.val_every and step % tc.val_every == 0) or step == tc.steps):
+                metrics.update(validate(run, step))
+            tracker.log(step, metrics)
+            if tokens and tokens["pos"].numel() and tc.position_stats_every and step % tc.position_stats_every == 0:
+                tracker.log_positions(step, position_stats(tokens))
+            reason = metrics.get("skip_reason")
+            empty_streak = empty_streak + 1 if reason == "empty" else 0
+            nonfinite_streak = nonfinite_streak + 1 if reason in NONFINITE_REASONS else 0
+            bar.update()
+            bar.set_postfix(_postfix(metrics), refresh=False)
+            if empty_streak >= MAX_EMPTY_BATCHES:
+                status = "collapsed"
+                log.warning(
+                    "%d batches in a row had no valid completion token; stopping at step %d", empty_streak, step
+                )
                 break
-            save_checkpoint(
-                run.run_dir,
-                step,
-                acc,
-                run.student,
-                run.pair.tokenizer,
-                {"sampler": run.sampler.state_dict()},
-                tc.keep_checkpoints,
-            )
+            if nonfinite_streak >= tc.max_skipped_updates:
+                status = "nonfinite"
+                break
+            stopping = stop.requested(acc) and step < tc.steps
+            if (tc.save_every and step % tc.save_every == 0 and step < tc.steps) or stopping:
+                if not weights_finite(
+                    run.student
+                ):  # never checkpoint them (the skip guard should make this unreachable)
+                    status = "nonfinite"
+                    log.error("the student's weights are not finite at step %d; not checkpointing them", step)
+                    break
+                save_checkpoint(
+                    run.run_dir,
+                    step,
+                    acc,
+                    run.student,
+                    run.pair.tokenizer,
+                    {"sampler": run.sampler.state_dict()},
+                    tc.keep_checkpoints,
+                )
+            if stopping:  # preempted: the update in flight finished and is checkpointed; hand over
+                bar.close()
+                log.warning(
+                    "stopped by %s after step %d of %d: checkpoint step_%06d written; the same command resumes",
+                    stop.name,
+                    step,
+                    tc.steps,
+                    step,
+                )
+                tracker.close()
+                stop.hand_over()
     bar.close()
 
     acc.wait_for_everyone()
@@ -686,6 +732,13 @@ def _loop(run: Run, wall_start: float) -> dict:
         run.pair.tokenizer.save_pretrained(run.run_dir / FINAL_MODEL)
     summary = build_summary(run, status, step, resumed_from, wall_start)
     summary["final_student_saved"] = finite
+    summary["discarded_metrics_lines"] = discarded
+    if summary["missing_metrics_steps"]:
+        log.warning(
+            "metrics.jsonl has no line for %d step(s) (%s...): lost before the checkpoint the run resumed from",
+            len(summary["missing_metrics_steps"]),
+            ", ".join(map(str, summary["missing_metrics_steps"][:5])),
+        )
     tracker.finish(summary)
     if status == "nonfinite":
         log.error(
@@ -698,8 +751,68 @@ def _loop(run: Run, wall_start: float) -> dict:
     return summary
 
 
+class GracefulStop:
+    """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (a scheduler's preemption or time-limit signal, a
+    plain kill, Ctrl-C) end the run after the update in flight: the loop checkpoints that
+    step and `hand_over` passes the signal on, to the handler that was installed before (the
+    submitit launcher's requeue) or as the exit status 128 + signal. A second Ctrl-C stops at
+    once. Under data parallel every process learns of a stop through one all-reduce per step,
+    so they all checkpoint the same step."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.remote = False
+        self.previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name + (" (on another process)" if self.remote else "")
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            log.warning("received %s: finishing this update, then checkpointing", signal.Signals(signum).name)
+
+    def requested(self, acc: Accelerator) -> bool:
+        flag = self.signum is not None
+        if acc.num_processes > 1:
+            flag = bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "max").item())
+            if flag and self.signum is None:
+                self.signum, self.remote = signal.SIGTERM, True
+        return flag
+
+    def hand_over(self):
+        signum, previous = self.signum, self.previous.get(self.signum)
+        self.__exit__()
+        if callable(previous):  # e.g. submitit: requeue the job, then exit
+            previous(signum, None)
+        raise SystemExit(128 + signum)
+
+
 # Keys a resumed run may change: how long it runs and where it reports.
-RESUMABLE_CHANGES = ("training.steps", "training.save_every", "training.keep_checkpoints", "logger.", "output_root")
+RESUMABLE_CHANGES = (
+    "training.steps",
+    "training.save_every",
+    "training.keep_checkpoints",
+    "training.allow_inexact_resume",
+    "logger.",
+    "output_root",
+)
 
 
 def record_run_config(run: Run) -> None:
@@ -718,7 +831,11 @@ def check_resume_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
     path = run_dir / RUN_CONFIG
     if not path.exists():
         return
-    before, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(asdict(cfg))))
+    recorded = read_json_object(path, "restore it from the run's .hydra/ files, or choose a new hydra.run.dir")
+    before, now = flatten(recorded), flatten(json.loads(json.dumps(asdict(cfg))))
+    defaults = flatten(json.loads(json.dumps(asdict(Config()))))
+    for key in set(now) - set(before):  # added by a later version of the harness: the run had its default
+        before[key] = defaults.get(key)
     changed = [
         k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES)
     ]
@@ -777,8 +894,14 @@ def build_summary(run: Run, status: str, last_step: int, resumed_from, wall_star
         "peak_mem_gb": max(mems) if mems else None,
         "empty_batches": sum(1 for r in steps if r.get("skip_reason", "empty") == "empty" and r.get("skipped")),
         "skipped_updates": sum(1 for r in steps if r.get("skip_reason") in NONFINITE_REASONS),
+        "skipped_prompts": run.skipped_prompts,
         "metrics_lines": len(rows),
         "unreadable_metrics_lines": bad,
+        # steps 0..last without a metrics line: lost (a cut or corrupted file) before the
+        # checkpoint a resume started from, so never redone
+        "missing_metrics_steps": sorted(set(range(last_step + 1)) - {r.get("step") for r in rows})
+        if run.accelerator.is_main_process
+        else [],
         "resumed_from_step": resumed_from,
         "wall_time_s": time.time() - wall_start,
         "processes": run.accelerator.num_processes,

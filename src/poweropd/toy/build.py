@@ -70,11 +70,22 @@ def ensure_toy_pair(spec: ToyPairSpec, cache_dir: str | os.PathLike) -> Path:
     with _locked(target.with_suffix(".lock")):
         if (target / "build.json").exists():  # another process built it while we waited
             return target
+        # Holding the lock, any temporary or partial folder is from a build that died (killed,
+        # interrupted copy): remove it, so that the new build can take the name.
+        for leftover in target.parent.glob(target.name + ".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if target.exists():
+            log.warning("%s is incomplete (no build.json): building it again", target)
+            aside = target.with_name(target.name + f".partial-{os.getpid()}")
+            os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         log.info("building the toy teacher/student pair in %s (first use only)", target)
-        _build(spec, tmp)
-        os.replace(tmp, target)
+        try:
+            _build(spec, tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
