@@ -85,7 +85,15 @@ def unusable(path: Path) -> str | None:
         return str(exc).split(";")[0].replace(str(path) + "/", "")
     except (KeyError, TypeError, ValueError):
         return f"{TRAINER_STATE} has no step"
-    for weights in (path / "model.safetensors", path / "state" / "model.safetensors"):
+    state_dir = path / "state"
+    names = {p.name for p in state_dir.iterdir()} if state_dir.is_dir() else set()
+    if not any(n.startswith(("model", "pytorch_model")) for n in names):  # model.safetensors, *_fsdp*, ...
+        return "state/ holds no model state"
+    if not any(n.startswith("optimizer") for n in names):
+        return "state/ holds no optimizer state"
+    for weights in (path / "model.safetensors", state_dir / "model.safetensors"):
+        if weights.parent == state_dir and not weights.exists():
+            continue  # a sharded (FSDP) state keeps its model under other names
         if not weights.is_file() or weights.stat().st_size == 0:
             return f"{weights.relative_to(path)} is missing or empty"
         try:
@@ -93,9 +101,24 @@ def unusable(path: Path) -> str | None:
                 saved.keys()
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             return f"{weights.relative_to(path)} is corrupt ({str(exc).splitlines()[0][:80]})"
-    optimizer = path / "state" / "optimizer.bin"
-    if not optimizer.is_file() or optimizer.stat().st_size == 0:
-        return "state/optimizer.bin is missing or empty"
+    optimizer = state_dir / "optimizer.bin"
+    if optimizer.exists() and optimizer.stat().st_size == 0:
+        return "state/optimizer.bin is empty"
+    return None
+
+
+def _rng_unreadable(path: Path, rank: int, allow_inexact: bool) -> str | None:
+    """accelerate only logs a random-state file it cannot unpickle; read it here first."""
+    rng = path / "state" / f"random_states_{rank}.pkl"
+    if not rng.is_file():
+        return None  # missing: decided by missing_rng_states
+    try:
+        torch.load(rng, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - pickle / zip / EOF: unreadable either way
+        if allow_inexact:
+            log.warning("%s is unreadable (%s): resuming without it", rng, exc.__class__.__name__)
+            return None
+        return f"{rng.name} is unreadable ({exc.__class__.__name__}; training.allow_inexact_resume=true accepts it)"
     return None
 
 
@@ -120,18 +143,18 @@ def resume_from_newest(run_dir: Path, accelerator, allow_inexact: bool = False) 
         reason = unusable(path)
         missing = [] if reason else missing_rng_states(path, accelerator.num_processes)
         if missing and not allow_inexact:
-            reason = (
-                f"no {', '.join(missing)} (resuming would not be exact; training.allow_inexact_resume=true accepts it)"
-            )
+            reason = f"no {', '.join(missing)} (not an exact resume; training.allow_inexact_resume=true accepts it)"
+        reason = reason or _rng_unreadable(path, accelerator.process_index, allow_inexact)
+        state = None
         if reason is None:
             try:
                 state = load_checkpoint(path, accelerator)
             except Exception as exc:  # noqa: BLE001 - torch / pickle / safetensors: any failure means "skip it"
-                reason = (
-                    f"does not load ({exc.__class__.__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
-                )
-        if reason is not None:
-            skipped.append(f"{path.name}: {reason}")
+                first = str(exc).splitlines()[0][:100] if str(exc) else ""
+                reason = f"does not load ({exc.__class__.__name__}: {first})"
+        # every process resumes from the same checkpoint: one that failed anywhere is skipped everywhere
+        if _any_failed(accelerator, None if reason is None else CheckpointError(reason)):
+            skipped.append(f"{path.name}: {reason or 'does not load on another process'}")
             continue
         if missing:
             log.warning(
@@ -186,32 +209,47 @@ def verify_checkpoint(path: Path, lm) -> None:
                 raise CheckpointError(f"checkpoint {path} holds non-finite values in {key}")
 
 
+def _any_failed(accelerator, error: BaseException | None) -> bool:
+    """Whether any process hit an error (an all-reduce, so it is also a barrier)."""
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(failed), device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, "max").item())
+    return failed
+
+
 def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, trainer_state: dict, keep: int) -> Path:
     root = run_dir / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(lm).save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-            verify_checkpoint(tmp, accelerator.unwrap_model(lm))  # before anything older is touched
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_disk_full(exc):
-            raise
-        kept = latest_checkpoint(run_dir)
-        raise CheckpointError(
-            f"writing checkpoint {final.name} failed: no space left on device in {root}; "
-            + (f"the last verified checkpoint {kept.name} is intact; " if kept else "no earlier checkpoint exists; ")
-            + "free space and run the same command to resume"
-        ) from None
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    # Each stage ends with every process agreeing it went well, so that a failure on one of
+    # them (a full disk, a failed verification) stops all of them at the same place.
+    stages = [
+        lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)) if main else None,
+        lambda: accelerator.save_state(str(tmp / "state")),
+        lambda: _write_and_verify(tmp, step, accelerator, lm, tokenizer, trainer_state) if main else None,
+    ]
+    for stage in stages:
+        error = None
+        try:
+            stage()
+        except Exception as exc:  # noqa: BLE001 - handed on below, on every process
+            error = exc
+        if _any_failed(accelerator, error):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = latest_checkpoint(run_dir)
+            intact = f"the last verified checkpoint {kept.name} is intact" if kept else "no earlier checkpoint exists"
+            if error is None:
+                raise CheckpointError(f"writing checkpoint {final.name} failed on another process; {intact}")
+            if is_disk_full(error):
+                raise CheckpointError(
+                    f"writing checkpoint {final.name} failed: no space left on device in {root}; {intact}; "
+                    "free space and run the same command to resume"
+                ) from None
+            raise error
+    if main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, final.name)
@@ -220,12 +258,23 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
     return final
 
 
+def _write_and_verify(tmp: Path, step: int, accelerator, lm, tokenizer, trainer_state: dict) -> None:
+    accelerator.unwrap_model(lm).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    verify_checkpoint(tmp, accelerator.unwrap_model(lm))  # before anything older is touched
+
+
 def _prune(root: Path, keep: int, newest: str) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         if old.name == newest:
             continue
-        with open(old / IN_USE, "a") as handle:
+        try:
+            handle = open(old / IN_USE, "a")  # noqa: SIM115
+        except OSError:  # gone already, or not writable: nothing to prune
+            continue
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # another process is reading it: pruned at the next save

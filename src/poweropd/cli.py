@@ -185,29 +185,27 @@ def hydra_only_command(argv: list[str]) -> bool:
 
 
 def remove_refused_run_dir(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote for a refused launch
-    (never one with a run's own files in it, e.g. a resumed run refused for a changed config)."""
+    """Remove a run directory that holds nothing but what a launch writes before the run's
+    own files (Hydra's files, the run lock), never one with a run's files in it (e.g. a
+    resumed run refused for a changed config), and never one whose lock another process
+    holds. The lock is held while the directory goes, so no run can start in it meanwhile."""
+    import fcntl
     import shutil
 
     run_dir = Path(run_dir)
-    if _locked_by_another(run_dir / LOCK):  # a run is starting there: its directory is not ours to remove
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
         return
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _locked_by_another(lock: Path) -> bool:
-    import fcntl
-
+    lock = run_dir / LOCK
     if not lock.exists():
-        return False
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
     with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+        except OSError:  # held by a run that is starting there: its directory is not ours to remove
+            return
+        if {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _is_sweep(line: str) -> bool:

@@ -270,9 +270,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     target = resolve_target(cfg, pair)
     folder = target.out_dir / EVAL_DIR / suite
     settings = settings_of(ec, target, cfg.seed)
-    data = {b.name: load_benchmark(b.name, ec.data_dir, ec.limit) for b in benchmarks}  # data errors before model load
-    todo = [b for b in benchmarks if not _finished(folder, b, settings, ec.overwrite, data[b.name])]
-    data = {b.name: data[b.name] for b in todo}
+    loaded: dict[str, list[dict]] = {}
+
+    def rows_of(bench: Benchmark) -> list[dict]:
+        if bench.name not in loaded:
+            loaded[bench.name] = load_benchmark(bench.name, ec.data_dir, ec.limit)
+        return loaded[bench.name]
+
+    todo = [b for b in benchmarks if not _finished(folder, b, settings, ec.overwrite, rows_of)]
+    data = {b.name: rows_of(b) for b in todo}  # data errors before the model loads
 
     results: dict[str, dict] = {b.name: _read_finished(folder, b) for b in benchmarks if b not in todo}
     if todo:
@@ -482,9 +488,10 @@ def _bench_seed(seed: int, name: str) -> int:
     return seed * 1_000_003 + sum(ord(ch) * 31**i for i, ch in enumerate(name)) % 1_000_003
 
 
-def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool, rows: list[dict]) -> bool:
+def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool, rows_of) -> bool:
     """Whether `bench` is already evaluated with `settings`: its JSON reads back and its
-    samples file holds exactly n samples of every problem of `rows`. A result that does not
+    samples file holds exactly n samples of every problem of its rows (`rows_of(bench)`,
+    loaded only for a result whose settings match). A result that does not
     read back, or whose samples do not match it, is set aside (`.corrupt`) and redone."""
     path = folder / f"{bench.name}.json"
     if not path.is_file():
@@ -495,7 +502,7 @@ def _finished(folder: Path, bench: Benchmark, settings: dict, overwrite: bool, r
         _set_aside(folder, bench, f"{exc}".split(";")[0])
         return False
     if done.get("settings") == settings:
-        problem = _samples_problem(folder / f"{bench.name}.samples.jsonl", rows, int(settings["n"]))
+        problem = _samples_problem(folder / f"{bench.name}.samples.jsonl", rows_of(bench), int(settings["n"]))
         if problem is not None:
             _set_aside(folder, bench, problem)
             return False

@@ -65,18 +65,36 @@ class RunLock:
         self.handle = None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+            except OSError as exc:
+                raise ConfigError(f"cannot create the run lock {self.path} ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise ConfigError(
+                    f"{self.path.parent} is in use by {holder}; wait for that run to end (or stop it), "
+                    "or choose another hydra.run.dir"
+                ) from None
+            except OSError as exc:  # e.g. a filesystem without locks (some NFS mounts)
+                handle.close()
+                raise ConfigError(
+                    f"cannot lock {self.path} ({exc.strerror or exc}); put the run directory on a local filesystem"
+                ) from None
+            # The lock file may have been removed (a refused launch cleaning up) between our
+            # open and our lock: then we hold a lock nobody else can see; take a fresh one.
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             handle.close()
-            raise ConfigError(
-                f"{self.path.parent} is in use by {holder}; wait for that run to end (or stop it), "
-                "or choose another hydra.run.dir"
-            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

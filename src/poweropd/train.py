@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from poweropd.checkpoint import resume_from_newest, save_checkpoint, step_checkpoints, weights_finite
+from poweropd.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint, weights_finite
 from poweropd.config import Config
 from poweropd.data import PromptSampler, bound_prompts, train_rows, val_rows
 from poweropd.engines import make_engine
@@ -522,13 +522,19 @@ def train(cfg: Config, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.training.cpu_threads)
     acc = make_accelerator(cfg)
     run_dir = shared_run_dir(acc, run_dir)
-    lock = RunLock(run_dir)
+    lock, refused = RunLock(run_dir), ""
     if acc.is_main_process:  # one process per run directory, for the whole run
         try:
             lock.acquire()
-        except ConfigError:
+        except ConfigError as exc:
             restore_first_launch(run_dir)  # this refused launch's Hydra rewrote .hydra/ of the running one
-            raise
+            refused = str(exc)
+    if acc.num_processes > 1:  # every process learns the main one's answer
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise ConfigError(refused)
     try:
         return _train(cfg, run_dir, acc, wall_start)
     finally:
@@ -536,11 +542,13 @@ def train(cfg: Config, run_dir: Path) -> dict:
 
 
 def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> dict:
-    if (run_dir / SUMMARY).exists():
+    ended = (run_dir / SUMMARY).exists()
+    acc.wait_for_everyone()  # every process has looked before the main one moves the summary
+    if ended:
         previous = read_json_object(
             run_dir / SUMMARY, "delete it to resume the run from its last checkpoint (the metrics are kept)"
         )
-        if previous.get("status") == "finished" or not step_checkpoints(run_dir):
+        if previous.get("status") == "finished" or latest_checkpoint(run_dir) is None:
             if acc.is_main_process:
                 restore_first_launch(run_dir)  # Hydra rewrote .hydra/ for this launch: undo it
             log.info("%s already holds an ended run (summary.json); nothing to do", run_dir)
@@ -548,7 +556,7 @@ def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> d
     # From the moment a run's config is recorded, a different one is refused (before any
     # model is loaded, and before anything of the old run is moved away).
     check_resume_config(cfg, run_dir, acc.is_main_process)
-    if (run_dir / SUMMARY).exists():
+    if ended:
         # A run that stopped early (non-finite updates, collapse) resumes from its last good
         # checkpoint; its old summary is kept beside the new one.
         if acc.is_main_process:
@@ -778,7 +786,8 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler installed from C, which Python cannot put back
+                signal.signal(signum, handler)
         self.previous = {}
 
     def _handle(self, signum, frame) -> None:
@@ -799,7 +808,7 @@ class GracefulStop:
     def hand_over(self):
         signum, previous = self.signum, self.previous.get(self.signum)
         self.__exit__()
-        if callable(previous):  # e.g. submitit: requeue the job, then exit
+        if callable(previous) and previous is not signal.default_int_handler:  # e.g. submitit: requeue, exit
             previous(signum, None)
         raise SystemExit(128 + signum)
 
