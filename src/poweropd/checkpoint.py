@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from poweropd.errors import ConfigError
-from poweropd.files import FileProblem, is_disk_full, read_json_object, write_text_atomic
+from poweropd.files import FileProblem, is_disk_full, read_json_object, try_lock, write_text_atomic
+from poweropd.stats import any_process
 from poweropd.tracking import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def resume_from_newest(run_dir: Path, accelerator, allow_inexact: bool = False) 
                 first = str(exc).splitlines()[0][:100] if str(exc) else ""
                 reason = f"does not load ({exc.__class__.__name__}: {first})"
         # every process resumes from the same checkpoint: one that failed anywhere is skipped everywhere
-        if _any_failed(accelerator, None if reason is None else CheckpointError(reason)):
+        if any_process(accelerator, reason is not None):
             skipped.append(f"{path.name}: {reason or 'does not load on another process'}")
             continue
         if missing:
@@ -209,15 +210,6 @@ def verify_checkpoint(path: Path, lm) -> None:
                 raise CheckpointError(f"checkpoint {path} holds non-finite values in {key}")
 
 
-def _any_failed(accelerator, error: BaseException | None) -> bool:
-    """Whether any process hit an error (an all-reduce, so it is also a barrier)."""
-    failed = error is not None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor(float(failed), device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, "max").item())
-    return failed
-
-
 def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, trainer_state: dict, keep: int) -> Path:
     root = run_dir / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -236,7 +228,7 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
             stage()
         except Exception as exc:  # noqa: BLE001 - handed on below, on every process
             error = exc
-        if _any_failed(accelerator, error):
+        if any_process(accelerator, error is not None):
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = latest_checkpoint(run_dir)
@@ -275,9 +267,7 @@ def _prune(root: Path, keep: int, newest: str) -> None:
         except OSError:  # gone already, or not writable: nothing to prune
             continue
         with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another process is reading it: pruned at the next save
+            if not try_lock(handle):  # another process is reading it: pruned at the next save
                 log.info("not pruning %s: another process is reading it", old.name)
                 continue
             shutil.rmtree(old, ignore_errors=True)

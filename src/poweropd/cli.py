@@ -189,8 +189,9 @@ def remove_refused_run_dir(run_dir: Path) -> None:
     own files (Hydra's files, the run lock), never one with a run's files in it (e.g. a
     resumed run refused for a changed config), and never one whose lock another process
     holds. The lock is held while the directory goes, so no run can start in it meanwhile."""
-    import fcntl
     import shutil
+
+    from poweropd.files import try_lock
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
@@ -201,8 +202,9 @@ def remove_refused_run_dir(run_dir: Path) -> None:
         return
     with open(lock, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a run that is starting there: its directory is not ours to remove
+            if not try_lock(handle):  # held by a run that is starting there: not ours to remove
+                return
+        except OSError:  # a filesystem without locks: leave the directory alone
             return
         if {p.name for p in run_dir.iterdir()} <= HYDRA_OWN:
             shutil.rmtree(run_dir, ignore_errors=True)

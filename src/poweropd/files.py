@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -45,7 +46,9 @@ def read_json(path: str | os.PathLike, fix: str = "restore or delete it") -> obj
     except UnicodeDecodeError as exc:
         raise FileProblem(f"{path} is not UTF-8 text (byte {exc.start}); {fix}") from None
     except json.JSONDecodeError as exc:
-        what = "is empty" if not data.strip() else f"is not valid JSON ({exc.msg} at line {exc.lineno})"
+        what = (
+            "is empty" if not data.strip() else f"is not valid JSON ({exc.msg.removesuffix(' at')}, line {exc.lineno})"
+        )
         raise FileProblem(f"{path} {what}; {fix}") from None
 
 
@@ -97,6 +100,16 @@ def unreadable_lines(path: str | os.PathLike, numbers: list[int]) -> list[str]:
             if lineno in wanted:
                 out.append(raw.decode("utf-8", errors="replace").rstrip("\n"))
     return out
+
+
+def try_lock(handle) -> bool:
+    """Take an exclusive flock on an open file without waiting: False when another process
+    holds it (other OSErrors, e.g. a filesystem without locks, propagate)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def is_disk_full(exc: BaseException) -> bool:

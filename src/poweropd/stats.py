@@ -11,6 +11,13 @@ import torch
 from accelerate import Accelerator
 
 
+def any_process(acc, flag: bool) -> bool:
+    """Whether `flag` is true on any process (one all-reduce, so also a barrier)."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "max").item())
+
+
 def gather_tokens(acc: Accelerator, x_N: torch.Tensor) -> torch.Tensor:
     """Concatenate a variable-length 1-D tensor over all processes (NaNs included)."""
     if acc.num_processes == 1:

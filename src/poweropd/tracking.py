@@ -33,6 +33,7 @@ from poweropd.files import (
     DiskFull,
     is_disk_full,
     read_jsonl_lenient,
+    try_lock,
     unreadable_lines,
     write_json_atomic,
     write_text_atomic,
@@ -72,20 +73,20 @@ class RunLock:
             except OSError as exc:
                 raise ConfigError(f"cannot create the run lock {self.path} ({exc.strerror or exc})") from None
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                locked = try_lock(handle)
+            except OSError as exc:  # e.g. a filesystem without locks (some NFS mounts)
+                handle.close()
+                raise ConfigError(
+                    f"cannot lock {self.path} ({exc.strerror or exc}); put the run directory on a local filesystem"
+                ) from None
+            if not locked:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
                 raise ConfigError(
                     f"{self.path.parent} is in use by {holder}; wait for that run to end (or stop it), "
                     "or choose another hydra.run.dir"
-                ) from None
-            except OSError as exc:  # e.g. a filesystem without locks (some NFS mounts)
-                handle.close()
-                raise ConfigError(
-                    f"cannot lock {self.path} ({exc.strerror or exc}); put the run directory on a local filesystem"
-                ) from None
+                )
             # The lock file may have been removed (a refused launch cleaning up) between our
             # open and our lock: then we hold a lock nobody else can see; take a fresh one.
             try:

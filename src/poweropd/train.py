@@ -53,7 +53,7 @@ from poweropd.grading import Grader
 from poweropd.models import ModelPair, StudentScorer, load_pair, score_teacher
 from poweropd.objectives import MicroBatch, MicroLoss, Objective, TeacherOut, get_objective
 from poweropd.rewards import masked_moments, task_advantage, zscore
-from poweropd.stats import StepClock, gather_tokens, position_stats, summarize
+from poweropd.stats import StepClock, any_process, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
     FINAL_MODEL,
     HYDRA_OWN,
@@ -798,11 +798,9 @@ class GracefulStop:
             log.warning("received %s: finishing this update, then checkpointing", signal.Signals(signum).name)
 
     def requested(self, acc: Accelerator) -> bool:
-        flag = self.signum is not None
-        if acc.num_processes > 1:
-            flag = bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "max").item())
-            if flag and self.signum is None:
-                self.signum, self.remote = signal.SIGTERM, True
+        flag = any_process(acc, self.signum is not None)
+        if flag and self.signum is None:  # a signal reached another process
+            self.signum, self.remote = signal.SIGTERM, True
         return flag
 
     def hand_over(self):
