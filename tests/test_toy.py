@@ -103,3 +103,92 @@ def test_default_toy_pair_meets_its_accuracy_contract(tmp_path):
     assert report["teacher"]["greedy_accuracy_after_openings"] >= 0.6, report
     for role in ("teacher", "student"):
         assert AutoConfig.from_pretrained(root / role).head_dim >= 32
+
+
+# ----------------------------------------------------------------------------------------
+# The shipped pair: the same toy world on every machine
+
+
+def test_shipped_pair_matches_its_manifest_and_the_default_spec():
+    """Every file of src/poweropd/toy/pair hashes as SHA256SUMS says, the manifest lists every
+    file, the pair is the one the default conf/model_pair/toy.yaml spec describes, and the
+    wheel's package-data patterns carry each file."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
+    from conftest import ROOT, make_config
+
+    from poweropd.toy.shipped import SHIPPED_DIR, check_manifest, read_manifest, sha256_of, shipped_key
+    from poweropd.toy.spec import cache_key
+
+    assert check_manifest() == []
+    manifest = read_manifest(SHIPPED_DIR)
+    assert {"teacher/model.safetensors", "student/model.safetensors", "build.json"} <= set(manifest)
+    for role in ("teacher", "student"):
+        weights = SHIPPED_DIR / role / "model.safetensors"
+        assert weights.stat().st_size > 100_000  # real weights, not a Git LFS pointer
+        assert sha256_of(weights) == manifest[f"{role}/model.safetensors"]
+    spec = make_config([]).model_pair.toy
+    assert shipped_key() == cache_key(spec)
+    build = json.loads((SHIPPED_DIR / "build.json").read_text())
+    assert build["spec"] == json.loads(json.dumps(spec.__dict__, default=lambda o: o.__dict__))
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "poweropd.toy"
+    ]
+    for name in [*manifest, "SHA256SUMS"]:
+        assert any(fnmatch.fnmatch(f"pair/{name}", p) for p in patterns), name
+
+
+def test_default_spec_uses_the_shipped_pair_and_any_other_spec_the_cache(tmp_path):
+    from conftest import make_config
+
+    from poweropd.models import resolve_paths
+    from poweropd.toy.shipped import SHIPPED_DIR, shipped_pair
+
+    cfg = make_config([f"model_pair.cache_dir={tmp_path}"]).model_pair
+    assert resolve_paths(cfg) == (str(SHIPPED_DIR / "teacher"), str(SHIPPED_DIR / "student"))
+    assert not list(tmp_path.iterdir())  # nothing built, nothing written
+    other = make_config(["model_pair.toy.seed=1"]).model_pair.toy
+    assert shipped_pair(other) is None  # another spec: built into the cache by ensure_toy_pair
+
+
+def test_a_damaged_shipped_pair_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    from conftest import make_config
+
+    from poweropd.errors import ConfigError
+    from poweropd.toy.shipped import SHIPPED_DIR, shipped_pair
+
+    copy = tmp_path / "pair"
+    shutil.copytree(SHIPPED_DIR, copy)
+    spec = make_config([]).model_pair.toy
+    assert shipped_pair(spec, copy) == copy
+    weights = copy / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError) as err:
+        shipped_pair(spec, copy)
+    message = str(err.value)
+    assert "\n" not in message and "student/model.safetensors has another sha256" in message
+    assert "use_shipped_pair=false" in message
+    (copy / "student" / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="student/model.safetensors missing"):
+        shipped_pair(spec, copy)
+
+
+def test_ship_writes_a_pair_and_a_manifest_that_sha256sum_reads(tmp_path):
+    import shutil
+    import subprocess
+
+    from poweropd.toy.shipped import SHIPPED_DIR, check_manifest, ship
+
+    built = tmp_path / "built"
+    shutil.copytree(SHIPPED_DIR, built)
+    (built / "SHA256SUMS").unlink()
+    target = ship(built, tmp_path / "pkg" / "pair")
+    assert check_manifest(target) == []
+    assert (target / "SHA256SUMS").read_text() == (SHIPPED_DIR / "SHA256SUMS").read_text()
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=target).returncode == 0

@@ -124,7 +124,10 @@ class ModelPairConfig:
     instruction: str = _help("text appended to every problem before the chat template", "")
     stop_tokens: list[str] = _help("tokens that end a rollout", factory=lambda: ["<|im_end|>", "<|endoftext|>"])
     trust_remote_code: bool = _help("hf: allow custom model code from the hub", False)
-    cache_dir: str = _help("toy: where the built pair is cached (env POWEROPD_CACHE)", "~/.cache/poweropd")
+    cache_dir: str = _help("toy: where built pairs are cached (env POWEROPD_CACHE)", "~/.cache/poweropd")
+    use_shipped_pair: bool = _help(
+        "toy: use the pair shipped with the package when the spec is its spec (false: build into cache_dir)", True
+    )
     toy: ToyPairSpec = _help("toy: sizes and SFT budget of the built pair", factory=ToyPairSpec)
 
     def __post_init__(self) -> None:

@@ -43,11 +43,16 @@ class ModelPair:
 
 
 def resolve_paths(cfg: ModelPairConfig) -> tuple[str, str]:
-    """Hub ids / local directories of (teacher, student); builds the toy pair if needed."""
+    """Hub ids / local directories of (teacher, student). The default toy spec is the pair
+    shipped with the package; any other toy spec is built into the cache on first use."""
     if cfg.kind == "toy":
-        from poweropd.toy.build import ensure_toy_pair
+        from poweropd.toy.shipped import shipped_pair
 
-        root = ensure_toy_pair(cfg.toy, cfg.cache_dir)
+        root = shipped_pair(cfg.toy) if cfg.use_shipped_pair else None
+        if root is None:
+            from poweropd.toy.build import ensure_toy_pair
+
+            root = ensure_toy_pair(cfg.toy, cfg.cache_dir)
         return str(root / "teacher"), str(root / "student")
     return cfg.teacher, cfg.student
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -33,19 +32,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
-from poweropd.toy.task import OPENINGS, TASK_VERSION, make_problems, opening_of, with_opening
+from poweropd.toy.spec import BUILD_VERSION, ToyModelSpec, ToyPairSpec, cache_key
+from poweropd.toy.task import OPENINGS, make_problems, opening_of, with_opening
 from poweropd.toy.tokenizer import build_toy_tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # bump when the recipe changes in a way the spec does not capture
 ROLE_SEED = {"teacher": 1, "student": 2}  # seed offsets of each role's data order and init
-
-
-def cache_key(spec: ToyPairSpec) -> str:
-    blob = json.dumps({"version": BUILD_VERSION, "task": TASK_VERSION, **asdict(spec)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def pair_dir(spec: ToyPairSpec, cache_dir: str | os.PathLike) -> Path:
@@ -305,9 +298,22 @@ def opening_share(responses: list[str]) -> float:
     return sum(opening_of(text) is not None for text in responses) / max(1, len(responses))
 
 
+def rebuild(spec: ToyPairSpec, cache_dir: str | os.PathLike) -> Path:
+    """Build `spec` into the cache, replacing a pair already cached under its key."""
+    target = pair_dir(spec, cache_dir)
+    if target.exists():
+        with _locked(target.with_suffix(".lock")):
+            aside = target.with_name(target.name + f".partial-{os.getpid()}")
+            os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    return ensure_toy_pair(spec, cache_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m poweropd.toy.build curve`: the default student's SFT curve, continued past
-    its stop to the end of its schedule (greedy accuracy on the build's held-out problems)."""
+    """`python -m poweropd.toy.build build [overrides]`: (re)build the toy pair of the spec into
+    the cache and print its build record; `--ship` then copies it into the package with its
+    sha256 manifest (maintainers: the default pair). `curve`: the default student's SFT curve,
+    continued past its stop to the end of its schedule (greedy accuracy on held-out problems)."""
     import argparse
 
     from hydra import compose, initialize_config_dir
@@ -315,19 +321,35 @@ def main(argv: list[str] | None = None) -> int:
     from poweropd.config import register_configs, to_config
 
     parser = argparse.ArgumentParser(prog="python -m poweropd.toy.build", description=main.__doc__)
-    parser.add_argument("command", choices=["curve"])
-    parser.add_argument("--role", choices=["student", "teacher"], default="student")
+    parser.add_argument("command", choices=["build", "curve"])
+    parser.add_argument("--role", choices=["student", "teacher"], default="student", help="curve: which model")
     parser.add_argument(
-        "--points", default=None, help="comma-separated SFT steps (default: 5 up to the schedule's end)"
+        "--points", default=None, help="curve: comma-separated SFT steps (default: 5 up to the schedule's end)"
+    )
+    parser.add_argument(
+        "--ship", action="store_true", help="build: copy the pair into the package (src/poweropd/toy/pair)"
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the pair, e.g. model_pair.toy.seed=1")
     args = parser.parse_args(argv)
     register_configs()
     conf_dir = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (run from a checkout)
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        spec = to_config(compose(config_name="config", overrides=args.overrides)).model_pair.toy
-    points = [int(p) for p in args.points.split(",")] if args.points else None
+        pair_cfg = to_config(compose(config_name="config", overrides=args.overrides)).model_pair
+    spec = pair_cfg.toy
     started = time.time()
+    if args.command == "build":
+        root = rebuild(spec, pair_cfg.cache_dir)
+        report = json.loads((root / "build.json").read_text())
+        for role in ("teacher", "student"):
+            r = report[role]
+            print(f"{role}: greedy accuracy {100 * r['greedy_accuracy']:.1f}% after {r['sft_steps']} SFT steps")
+        print(f"built in {root} ({time.time() - started:.0f} s)")
+        if args.ship:
+            from poweropd.toy.shipped import ship
+
+            print(f"shipped: {ship(root)}")
+        return 0
+    points = [int(p) for p in args.points.split(",")] if args.points else None
     curve = sft_curve(spec, args.role, points)
     for step, accuracy in sorted(curve.items()):
         print(f"step {step:5d}: greedy accuracy {accuracy * 100:5.1f}%")

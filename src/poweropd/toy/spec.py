@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from poweropd.toy.task import TASK_VERSION
+
+BUILD_VERSION = 2  # bump when the build recipe changes in a way the spec does not capture
 
 
 @dataclass
@@ -47,3 +53,9 @@ class ToyPairSpec:
     )
     student: ToyModelSpec = field(default_factory=ToyModelSpec)
     # These defaults mirror conf/model_pair/toy.yaml, which is what runs use.
+
+
+def cache_key(spec: ToyPairSpec) -> str:
+    """The pair's identity: a hash of the build version, the task version and every spec field."""
+    blob = json.dumps({"version": BUILD_VERSION, "task": TASK_VERSION, **asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
