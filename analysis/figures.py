@@ -702,6 +702,56 @@ def fig6_grad_norm(
         return save_figure(fig, out_dir, name)
 
 
+ENTROPY_METRIC = "entropy/mean"
+ACTIVE_METRIC = "reward/frac_above_0.01"
+
+
+def fig6_diagnostics(
+    runs: pd.DataFrame,
+    curves: pd.DataFrame,
+    out_dir: str | Path,
+    name: str = "fig6_diagnostics",
+    smooth: int = 5,
+    methods: Sequence[str] | None = None,
+) -> list[Path]:
+    """Beside Fig 6, the two readings the authors' trainer logs: (a) the pre-clip gradient
+    norm (log axis), (b) the student's mean policy entropy over the rollout tokens
+    (`entropy/mean`, nats) and (c) the share of rollout tokens whose |reward| exceeds 0.01
+    (`reward/frac_above_0.01`; sampled-token objectives only: the others have no reward).
+    Mean over seeds with a min-max band; (b) and (c) smoothed over `smooth` logged steps."""
+    runs = _select(runs, methods)
+    panels = [
+        ("grad_norm", "(a) gradient norm (pre-clip)", True, 1.0, 1),
+        (ENTROPY_METRIC, "(b) policy entropy (nats/token)", False, 1.0, smooth),
+        (ACTIVE_METRIC, "(c) tokens with |reward| > 0.01 (%)", False, 100.0, smooth),
+    ]
+    data = [group_curves(runs, curves, metric) for metric, *_ in panels]
+    if not data[1] and not data[2]:
+        return []  # runs from before these diagnostics were logged
+    styles = method_styles([g.label for groups in data for g in groups])
+    with plt.rc_context(PAPER_RC):
+        fig, axes = plt.subplots(1, 3, figsize=(PAGE_WIDTH, 2.4), layout="constrained")
+        for ax, groups, (metric, title, log_y, scale, k) in zip(axes, data, panels):
+            if log_y:
+                groups = [g for g in groups if not g.frame[g.frame["mean"] > 0].empty]
+                for g in groups:
+                    g.frame = g.frame[g.frame["mean"] > 0]
+            for g in groups:
+                _plot_group(ax, g, styles[g.label], scale=scale, smooth=k)
+            if log_y and groups:
+                ax.set_yscale("log")
+            if not groups:
+                ax.text(0.5, 0.5, f"no {metric} logged", transform=ax.transAxes, ha="center", fontsize=7)
+            ax.set_title(title, loc="left")
+            ax.set_xlabel("training step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, which="major")
+        if smooth > 1:
+            fig.suptitle(f"(b), (c): rolling mean over {smooth} logged steps", fontsize=7)
+        _figure_legend(fig, list(axes), ncol=4)
+        return save_figure(fig, out_dir, name)
+
+
 # ----------------------------------------------------------------------------------------
 # Optional: position-wise extremes over training (positions.jsonl)
 

@@ -297,13 +297,28 @@ def orderings_markdown(orderings: list[Ordering]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study_sections(main: RunSet, calibration_roots: list[Path], fig_dir: Path) -> tuple[str, dict]:
-    """The protocol, calibration, robustness and ordering sections of the report (Markdown),
-    and the numbers behind them (for tests and the README)."""
-    md = ["## Protocol\n", __doc__.split("Protocol (", 1)[1].split("\n\n")[0].split("\n", 1)[1] + "\n"]
+ORDERINGS_NOTE = (
+    'Avg@8 on the test split. "Seeds where A > B": seed i of A against seed i of B (same prompts, same '
+    "sampling seed; a reference model is one evaluation for all seeds). The interval resamples test problems, "
+    "each problem's accuracy averaged over the seeds first. Claims whose methods have fewer than two seeds are "
+    "left out.\n"
+)
+
+
+def study_sections(
+    main: RunSet,
+    calibration_roots: list[Path],
+    fig_dir: Path,
+    sensitivity_roots: list[Path] | None = None,
+) -> tuple[str, dict]:
+    """The protocol and calibration sections (with `calibration_roots`), the ordering claims
+    (whenever the compared methods have at least two seeds) and the sensitivity table (with
+    `sensitivity_roots`) of the report (Markdown), and the numbers behind them."""
+    md: list[str] = []
     numbers: dict = {}
     chosen = None
     if calibration_roots:
+        md += ["## Protocol\n", __doc__.split("Protocol (", 1)[1].split("\n\n")[0].split("\n", 1)[1] + "\n"]
         cal = calibration_frame(load_runs(calibration_roots))
         if not cal.empty:
             try:
@@ -321,11 +336,171 @@ def study_sections(main: RunSet, calibration_roots: list[Path], fig_dir: Path) -
     if chosen is not None and lrs and lrs != [chosen]:
         md.append(f"**Warning**: the study's runs use lr {lrs}, not the calibrated {chosen:g}.\n")
     groups = test_groups(main)
-    orderings = ordering_claims(groups)
-    numbers["orderings"] = [o.__dict__ | {"verdict": o.verdict} for o in orderings]
-    md.append("## Ordering claims on the test split, with their uncertainty\n")
-    md.append(orderings_markdown(orderings))
+    orderings = [o for o in ordering_claims(groups) if o.seeds >= 2]
+    if orderings:
+        numbers["orderings"] = [o.__dict__ | {"verdict": o.verdict} for o in orderings]
+        md.append("## Ordering claims on the test split, with their uncertainty\n")
+        md.append(ORDERINGS_NOTE)
+        md.append(orderings_markdown(orderings))
+    if sensitivity_roots:
+        variants = [variant_of(main, Path(root)) for root in sensitivity_roots]
+        text, rows = sensitivity_markdown(groups, orderings, variants)
+        md.append(text)
+        numbers["sensitivity"] = rows
     return "\n".join(md), numbers
+
+
+# ----------------------------------------------------------------------------------------
+# Sensitivity: the same claims, with some rows run another way
+
+
+@dataclass
+class Variant:
+    """The runs of one sensitivity sweep, and how they differ from the study's rows."""
+
+    name: str  # the sweep folder's name
+    groups: dict[str, Group]
+    changes: dict[str, str]  # group label -> "reward.tau 1.0 -> 5.0, ..." against the study's row
+    training_changed: bool  # it changes training settings (sampling, ...), not only a reward's knobs
+
+
+CONFIG_PREFIXES = ("reward.", "training.")
+
+
+def _group_config(runs: pd.DataFrame) -> dict:
+    """The reward and training settings of a group's first run (seed and output keys aside)."""
+    from analysis.load import NOT_CONFIG
+
+    first = runs.iloc[0]
+    return {
+        k: first[k]
+        for k in runs.columns
+        if k.startswith(CONFIG_PREFIXES) and not k.startswith(NOT_CONFIG) and not pd.isna(first[k])
+    }
+
+
+def variant_of(main: RunSet, root: Path) -> Variant:
+    """Load one sensitivity sweep and describe each of its methods against the study's row of
+    the same objective (same alpha for PowerOPD)."""
+    sens = load_runs([root])
+    groups = {label: g for label, g in test_groups(sens).items() if g.reward != "reference"}
+    base_runs = main.finished
+    changes, training_changed = {}, False
+    for label, group in groups.items():
+        mine = sens.finished[sens.finished["label"] == label]
+        same = base_runs[base_runs.get("reward.name", pd.Series(dtype=str)) == group.reward]
+        if group.reward == "power" and "reward.alpha" in same:
+            same = same[same["reward.alpha"].astype(float) == float(group.alpha)]
+        if mine.empty or same.empty:
+            changes[label] = "no counterpart among the study's rows"
+            continue
+        a, b = _group_config(same), _group_config(mine)
+        diff = [k for k in sorted(set(a) | set(b)) if not _same(a.get(k), b.get(k))]
+        changes[label] = ", ".join(f"{k} {_show(a.get(k))} → {_show(b.get(k))}" for k in diff) or "no difference"
+        training_changed |= any(k.startswith("training.") for k in diff)
+    return Variant(Path(root).name, groups, changes, training_changed)
+
+
+def _same(a, b) -> bool:
+    """Config values equal, with 0 and 0.0 alike (a column with gaps is read back as floats)."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def merged_groups(main_groups: dict[str, Group], variant: Variant) -> dict[str, Group]:
+    """The groups a variant's claims are made on. A variant that only re-runs some objectives
+    another way replaces the study's rows of those objectives and keeps the others; one that
+    changes training settings is compared with the reference models only (mixing sampling
+    settings inside one claim would say nothing about either)."""
+    replaced = {g.reward for g in variant.groups.values()}
+    if variant.training_changed:
+        kept = {label: g for label, g in main_groups.items() if g.reward == "reference"}
+    else:
+        kept = {label: g for label, g in main_groups.items() if g.reward not in replaced}
+    return {**kept, **variant.groups}
+
+
+def _short_verdict(o: Ordering) -> str:
+    if o.lo > 0:
+        return "holds" if o.seeds_holding == o.seeds else "holds on average"
+    return "reversed" if o.hi < 0 else "not resolved"
+
+
+def _cell(o: Ordering | None, base: Ordering | None) -> str:
+    if o is None:
+        return "-"
+    text = f"{o.diff:+.1f} [{o.lo:+.1f}, {o.hi:+.1f}], {o.seeds_holding}/{o.seeds}: {_short_verdict(o)}"
+    if base is not None and _short_verdict(base) != _short_verdict(o):
+        return f"**{text} (changed)**"
+    return text
+
+
+def sensitivity_markdown(
+    main_groups: dict[str, Group], main_orderings: list[Ordering], variants: list[Variant]
+) -> tuple[str, list[dict]]:
+    """One table: every ordering claim as the study ran it and under each variant (its A and B
+    may be other rows: the variant's own). A cell whose verdict differs from the study's is
+    marked (changed)."""
+    per_variant = [[o for o in ordering_claims(merged_groups(main_groups, v)) if o.seeds >= 2] for v in variants]
+    claims = list(dict.fromkeys([o.claim for o in main_orderings] + [o.claim for os in per_variant for o in os]))
+    base = {o.claim: o for o in main_orderings}
+    head = "| Claim | as the study ran it | " + " | ".join(f"`{v.name}`" for v in variants) + " |"
+    lines = [head, "|---|---|" + "---|" * len(variants)]
+    rows = []
+    for claim in claims:
+        found = [{o.claim: o for o in os}.get(claim) for os in per_variant]
+        if all(o is None for o in found):
+            continue
+        cells = [_cell(base.get(claim), None)] + [_cell(o, base.get(claim)) for o in found]
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+        rows.append(
+            {
+                "claim": claim,
+                "study": base[claim].__dict__ | {"verdict": base[claim].verdict} if claim in base else None,
+                **{v.name: (o.__dict__ | {"verdict": o.verdict}) if o else None for v, o in zip(variants, found)},
+            }
+        )
+    md = [
+        "## Sensitivity: the same claims with the baselines run the authors' way, and with truncated sampling\n",
+        "Each column re-runs some rows another way (same pair, budget, learning rate and seeds) and makes every "
+        "claim again; a cell is Avg@8 A - B in points [95% paired bootstrap], seeds where A > B, verdict. "
+        "**(changed)**: the verdict differs from the study's.\n",
+    ]
+    for v in variants:
+        scope = (
+            "training settings change, so its claims compare its own rows with the reference models only"
+            if v.training_changed
+            else "the rows it re-runs replace the study's rows of the same objective; every other row is the study's"
+        )
+        md.append(f"- `{v.name}` ({scope}):")
+        md += [f"  - {label}: {change}" for label, change in v.changes.items()]
+    md.append("")
+    md.append("\n".join(lines) + "\n")
+    changes = []
+    for v in variants:
+        claims_changed = [
+            r["claim"]
+            for r in rows
+            if r.get(v.name) and r.get("study") and _verdict_word(r[v.name]) != _verdict_word(r["study"])
+        ]
+        if claims_changed:
+            changes.append(f"`{v.name}`: " + "; ".join(claims_changed))
+    if changes:
+        md.append("Verdicts that change: " + ". ".join(changes) + ".\n")
+    elif rows:
+        md.append("No claim changes its verdict.\n")
+    return "\n".join(md), rows
+
+
+def _verdict_word(record: dict) -> str:
+    o = Ordering(**{k: record[k] for k in Ordering.__dataclass_fields__})
+    return _short_verdict(o)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python sweeps/toy_study.py                       # calibrate, train, evaluate, report
     python sweeps/toy_study.py --out docs/toy_study  # where report.md and figures go (default)
 
-1. calibration (`python run.py -cd sweeps -cn toy_calibration`): six objectives x four
+1. calibration (`python run.py -cd sweeps -cn toy_calibration`): six objectives x three
    learning rates, one seed, scored on the validation split; the learning rate with the best
    mean final validation accuracy becomes the one every method shares (the paper's protocol)
 2. training (`python run.py -cd sweeps -cn toy_study training.lr=<chosen>`): the 13 rows of
@@ -11,11 +11,16 @@
    ... then "beyond the paper" (`python run.py -cd sweeps -cn toy_beyond`): the objectives
    of TRL, verl and tinker (JSD, top-k KL, k3 loss, reward-to-go, task reward, Box-Cox) at
    the same learning rate and seeds, 18 runs (--no-beyond skips them)
+   ... then the sensitivity runs (`python run.py -cd sweeps -cn toy_sensitivity`): + Tanh, + Clip
+   and Full-vocab the way the authors' released code runs them (tau 5, bounds +-5, per-rollout
+   token mean with the stop token kept), and Vanilla / PowerOPD alpha=5 with the paper's
+   truncated sampling (top_p 0.95, top_k 20), same lr and seeds, 15 runs (--no-sensitivity)
 3. evaluation: every run, plus the untrained student and the teacher, Avg@8 / Pass@8 /
    length on the 500 toy test problems (`python evaluate.py sweep_dir=...`)
 4. the report: `python -m analysis.report <study>/runs <study>/beyond <study>/evals --calibration
-   <study>/calibration --out docs/toy_study` (figures, tables with mean +- std over seeds,
-   learning-rate robustness, ordering claims with paired bootstrap intervals)
+   <study>/calibration --sensitivity <study>/sensitivity --sensitivity <study>/sensitivity_truncated
+   --out docs/toy_study` (figures, tables with mean +- std over seeds, learning-rate robustness,
+   ordering claims with paired bootstrap intervals, and the same claims under each variant)
 Each stage skips what is already done, so an interrupted study is finished by running it
 again. Extra arguments after `--` go to every run.py call (e.g. `-- training.steps=50`);
 --methods / --seeds / --lrs / --calibration-methods shrink the grid for a quick look.
@@ -54,9 +59,10 @@ def main() -> int:
     )
     parser.add_argument("--seeds", default=None, help="study seeds, comma-separated (default: 0,1,2)")
     parser.add_argument("--calibration-methods", default=None, help="calibration methods (conf/method/; default: six)")
-    parser.add_argument("--lrs", default=None, help="calibration learning rates (default: 1e-4,3e-4,1e-3,3e-3)")
+    parser.add_argument("--lrs", default=None, help="calibration learning rates (default: 1e-4,3e-4,1e-3)")
     parser.add_argument("--eval-args", default="", help="extra evaluate.py overrides, space-separated")
     parser.add_argument("--no-beyond", action="store_true", help="skip the beyond-the-paper objectives")
+    parser.add_argument("--no-sensitivity", action="store_true", help="skip the authors'-settings / sampling runs")
     parser.add_argument("extra", nargs="*", help="run.py overrides for every run (after --)")
     args = parser.parse_args()
     py = sys.executable
@@ -110,6 +116,18 @@ def main() -> int:
             + seeds
             + args.extra,
         )
+    sensitivity = [] if args.no_sensitivity else [f"{study}/sensitivity", f"{study}/sensitivity_truncated"]
+    if sensitivity:
+        seeds = [f"seed={args.seeds}"] if args.seeds else []
+        base = [py, "run.py", "-cd", "sweeps", "-cn", "toy_sensitivity", f"output_root={study}", f"training.lr={lr}"]
+        stage(f"train the baselines the authors' way at lr {lr}", base + seeds + args.extra)
+        stage(
+            f"train Vanilla and PowerOPD with truncated sampling at lr {lr}",
+            base
+            + ["method=vanilla,power5", "training.top_p=0.95", "training.top_k=20", f"hydra.sweep.dir={sensitivity[1]}"]
+            + seeds
+            + args.extra,
+        )
     pair = [a for a in args.extra if a.startswith("model_pair")]
     evaluation = args.eval_args.split()
     for model in ("student", "teacher"):
@@ -122,9 +140,13 @@ def main() -> int:
     if not args.no_beyond:
         stage("evaluate every run beyond the paper", [py, "evaluate.py", f"sweep_dir={study}/beyond", *evaluation])
         roots.append(f"{study}/beyond")
+    for folder in sensitivity:
+        stage(f"evaluate every run of {Path(folder).name}", [py, "evaluate.py", f"sweep_dir={folder}", *evaluation])
     report = [py, "-m", "analysis.report", *roots, f"{study}/evals", "--out", args.out]
     if Path(ROOT / study / "calibration").is_dir() or Path(study, "calibration").is_dir():
         report += ["--calibration", f"{study}/calibration"]
+    for folder in sensitivity:
+        report += ["--sensitivity", folder]
     stage("report", report)
     print(f"\ntoy study done in {(time.time() - started) / 60:.1f} min; report: {args.out}/report.md")
     return 0

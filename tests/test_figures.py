@@ -60,7 +60,10 @@ def synthetic_runs(methods=METHODS, seeds=(0, 1), steps: int = STEPS, val_every:
                     "reward/max": 1.0,
                     "reward/p5": -0.5,
                     "reward/p95": 0.2,
+                    "entropy/mean": 2.0 - 0.01 * step + 0.1 * seed,
                 }
+                if name != "full_vocab":  # a divergence has no per-token reward
+                    stats["reward/frac_above_0.01"] = 0.3 if name == "power" else 0.9
                 rows += [(run_id, step, metric, value) for metric, value in stats.items()]
             for step in range(0, steps + 1, val_every):
                 # methods differ (k), seeds differ a little: lines and bands are both visible
@@ -382,6 +385,23 @@ def test_fig6_is_the_pre_clip_norm_on_a_log_axis_and_vanilla_is_on_top(tmp_path,
     assert set(series) == {"Vanilla", "+ Clip", "PowerOPD α=500"}
     assert len(series["Vanilla"].get_xdata()) == STEPS
     assert min(series["Vanilla"].get_ydata()) > max(series["PowerOPD α=500"].get_ydata())
+
+
+def test_fig6_diagnostics_put_entropy_and_the_rewarded_share_beside_the_grad_norm(tmp_path, shown):
+    runs, curves = synthetic_runs()
+    assert_written(figures.fig6_diagnostics(runs, curves, tmp_path, smooth=1), tmp_path, "fig6_diagnostics")
+    grad, entropy, active = shown["fig6_diagnostics"].axes[:3]
+    assert grad.get_yscale() == "log" and "entropy" in entropy.get_title(loc="left")
+    assert "0.01" in active.get_title(loc="left")
+    series = lines_of(entropy)
+    assert set(series) == {"Vanilla", "+ Clip", "PowerOPD α=500"}
+    np.testing.assert_allclose(series["Vanilla"].get_ydata(), 2.0 - 0.01 * np.arange(1, STEPS + 1) + 0.05)
+    shares = {label: line.get_ydata() for label, line in lines_of(active).items()}
+    np.testing.assert_allclose(shares["PowerOPD α=500"], 30.0)  # percent
+    np.testing.assert_allclose(shares["Vanilla"], 90.0)
+    # runs from before the diagnostics were logged: no figure
+    old = curves[~curves["metric"].isin([figures.ENTROPY_METRIC, figures.ACTIVE_METRIC])]
+    assert figures.fig6_diagnostics(runs, old, tmp_path) == []
 
 
 def test_fig4_puts_alpha_on_a_log_axis(tmp_path, shown):

@@ -3,6 +3,8 @@ sizes, empty batches, low-precision weights that are never copied to fp32 as a w
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -312,3 +314,101 @@ def test_a_fused_loss_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="differentiated twice"):
         loss.backward()
+
+
+# ----------------------------------------------------------------------------------------
+# The student's policy entropy, read off the loss pass's own chunks
+
+
+def plain_first(out):
+    """The loss (or, for sampled_logprobs, the log-probs) of a kernel's output."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def naive_entropy(h, w):
+    log_p = torch.log_softmax((h @ w.T).double(), -1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _entropy_kernels(h, w, h_t, w_t, targets, weights, chunk):
+    """(name, outputs without entropy, outputs with entropy) of every student-side kernel."""
+    from poweropd.logprobs import generalized_jsd, teacher_topk, topk_forward_kl
+
+    lT = naive_sampled(h_t, w_t, targets).detach()
+    vals, idx, _ = teacher_topk(h_t, w_t, targets, 5, chunk)
+    calls = {
+        "sampled_logprobs": lambda e: sampled_logprobs(h, w, targets, chunk, entropy=e),
+        "sampled_pg_loss": lambda e: sampled_pg_loss(h, w, targets, weights, power_reward(lT), chunk, entropy=e),
+        "full_vocab_kl": lambda e: full_vocab_kl(h, w, h_t, w_t, targets, weights, chunk, entropy=e),
+        "generalized_jsd": lambda e: generalized_jsd(h, w, h_t, w_t, targets, weights, 0.5, chunk, entropy=e),
+        "topk_forward_kl": lambda e: topk_forward_kl(h, w, vals, idx, targets, weights, chunk, entropy=e),
+    }
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_every_kernel_returns_the_exact_entropy_and_the_same_values_with_it(chunk):
+    """entropy=True appends H_t = -sum_v p log p (float64 reference, 1e-5) and changes nothing
+    else: the other outputs and the gradients are bitwise those of entropy=False."""
+    h, w, h_t, w_t, targets = make_inputs()
+    weights = torch.rand(h.shape[0])
+    ref = naive_entropy(h.detach(), w.detach())
+    for name, call in _entropy_kernels(h, w, h_t, w_t, targets, weights, chunk).items():
+        plain, with_h = call(False), call(True)
+        plain = plain if isinstance(plain, tuple) else (plain,)
+        assert len(with_h) == len(plain) + 1, name
+        torch.testing.assert_close(with_h[-1].double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+        assert not with_h[-1].requires_grad, name
+        for a, b in zip(plain, with_h[:-1]):
+            assert torch.equal(a.detach(), b.detach()), name
+        g_plain = grads(lambda call=call: plain_first(call(False)).sum(), h, w)
+        g_with = grads(lambda call=call: call(True)[0].sum(), h, w)
+        for a, b in zip(g_plain, g_with):
+            assert torch.equal(a, b), name
+
+
+def test_entropy_never_forms_a_tokens_by_vocabulary_tensor():
+    """With 64 tokens in chunks of 8 over V = 3001, no op of the fused kernels makes a tensor
+    larger than one [chunk, V] buffer (the [V, D] weight gradient aside: D = 12 < chunk here)."""
+    import poweropd.logprobs as lp
+
+    h, w, h_t, w_t, targets = make_inputs(n=64, d=12, v=3001, d_t=8)
+    weights = torch.rand(64)
+    block = lp.ENTROPY_BLOCK
+    lp.ENTROPY_BLOCK = 1000  # several entropy blocks, the last one ragged
+    try:
+        ref = naive_entropy(h.detach(), w.detach())
+        for name in ("sampled_logprobs", "sampled_pg_loss", "full_vocab_kl"):
+            call = _entropy_kernels(h, w, h_t, w_t, targets, weights, 8)[name]
+            with LargestTensor() as spy:
+                out = call(True)
+            assert spy.largest <= max(8 * 3001, w.numel()), (name, spy.largest)
+            torch.testing.assert_close(out[-1].double(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        lp.ENTROPY_BLOCK = block
+
+
+def test_entropy_of_a_uniform_and_a_peaked_head():
+    v = 50
+    h = torch.ones(3, 1)
+    uniform = sampled_logprobs(h, torch.zeros(v, 1), torch.zeros(3, dtype=torch.long), entropy=True)[1]
+    torch.testing.assert_close(uniform, torch.full((3,), math.log(v)))
+    peaked_w = torch.zeros(v, 1)
+    peaked_w[0] = 200.0
+    peaked = sampled_logprobs(h, peaked_w, torch.zeros(3, dtype=torch.long), entropy=True)[1]
+    assert peaked.abs().max() < 1e-6

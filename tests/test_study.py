@@ -116,8 +116,10 @@ def test_the_best_power_alpha_is_chosen_by_validation_not_by_test():
 
 @pytest.mark.e2e
 def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
-    """sweeps/toy_study.py on the micro pair, shrunk to 2 x 2 calibration runs and 2 x 2 study
-    runs: calibration, the lr choice, training at that lr, evaluation, the report."""
+    """sweeps/toy_study.py on the micro pair, shrunk to 2 x 2 calibration runs, 2 x 2 study
+    runs and the sensitivity runs at 2 seeds (the beyond-the-paper stage left out: its sweep
+    is composed in test_sweeps): calibration, the lr choice, training at that lr, evaluation,
+    the report with its sensitivity table."""
     study, out = tmp_path / "study", tmp_path / "report"
     extra = [
         *MICRO_PAIR,
@@ -138,6 +140,7 @@ def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
             "--lrs=1e-4,1e-3",
             "--methods=vanilla,power5",
             "--seeds=0,1",
+            "--no-beyond",
             "--eval-args=eval.n=2 eval.limit=8 eval.max_new_tokens=8",
             "--",
             *extra,
@@ -161,3 +164,102 @@ def test_the_micro_study_runs_end_to_end(tmp_path, toy_cache):
     assert (out / "figures" / "lr_robustness.png").is_file()
     numbers = json.loads((out / "study.json").read_text())
     assert numbers["chosen_lr"] == chosen and numbers["orderings"]
+    authors = sorted(p.name for p in (study / "sensitivity").iterdir() if p.is_dir())
+    assert len(authors) == 6 and {"tanh5", "clip5", "full_vocab_seqmean_keepstop"} == {
+        name.split("_toy_")[1].rsplit("_seed", 1)[0] for name in authors
+    }
+    truncated = [p for p in (study / "sensitivity_truncated").iterdir() if p.is_dir()]
+    assert len(truncated) == 4
+    assert json.loads((truncated[0] / "run_config.json").read_text())["training"]["top_k"] == 20
+    assert "## Sensitivity" in text and "`sensitivity_truncated`" in text and "+ Tanh τ=5" in text
+    assert {"claim", "study", "sensitivity", "sensitivity_truncated"} <= set(numbers["sensitivity"][0])
+
+
+# ----------------------------------------------------------------------------------------
+# Ordering claims in every report with two seeds, and the sensitivity table
+
+
+def _toy_run(root, name, reward: dict, seed: int, acc: float, training: dict | None = None, n: int = 120):
+    """A finished, evaluated run directory as run.py + evaluate.py leave it (what analysis reads):
+    per-problem test samples whose accuracy is about `acc`."""
+    import yaml
+
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    config = {
+        "seed": seed,
+        "model_pair": {"name": "toy", "kind": "toy"},
+        "reward": {"normalize": "none", "loss_agg": "token_mean", "stop_token": "mask", **reward},
+        "training": {"lr": 1e-4, "top_p": 1.0, "top_k": 0, **(training or {})},
+    }
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "run_config.json").write_text(json.dumps(config))
+    lines = [{"step": s, "val/accuracy": acc} for s in (0, 10, 20, 30)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "summary.json").write_text(json.dumps({"status": "finished"}))
+    _samples(run, acc, seed, n)
+    return run
+
+
+def _samples(folder, acc: float, seed: int, n: int):
+    rng = np.random.default_rng(seed + int(acc * 1000))
+    (folder / "eval" / "toy").mkdir(parents=True)
+    rows = [{"id": f"p{i}", "correct": float(rng.random() < acc)} for i in range(n) for _ in range(8)]
+    (folder / "eval" / "toy" / "toy_test.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "eval" / "toy.json").write_text(json.dumps({"suite": "toy", "benchmarks": {}, "mean": {}}))
+
+
+def _study_roots(tmp_path, seeds=(0, 1)):
+    main = tmp_path / "runs"
+    for seed in seeds:
+        _toy_run(main, f"v{seed}", {"name": "vanilla"}, seed, 0.40)
+        _toy_run(main, f"p{seed}", {"name": "power", "alpha": 5.0}, seed, 0.60)
+        _toy_run(main, f"t{seed}", {"name": "tanh", "tau": 1.0}, seed, 0.45)
+        _toy_run(main, f"f{seed}", {"name": "full_vocab"}, seed, 0.65)
+    ref = tmp_path / "evals" / "toy_student"
+    ref.mkdir(parents=True)
+    _samples(ref, 0.2, 0, 120)
+    return main, tmp_path / "evals"
+
+
+def test_every_report_with_two_seeds_carries_the_ordering_claims(tmp_path):
+    from analysis.load import load_runs
+    from analysis.study import study_sections
+
+    main, evals = _study_roots(tmp_path)
+    text, numbers = study_sections(load_runs([main, evals]), [], tmp_path)  # no calibration
+    assert "## Ordering claims on the test split" in text and "PowerOPD > Vanilla" in text
+    assert "## Calibration" not in text
+    claims = {o["claim"]: o for o in numbers["orderings"]}
+    assert claims["PowerOPD > Vanilla"]["seeds"] == 2 and claims["PowerOPD > Vanilla"]["lo"] > 0
+    one_seed = tmp_path / "one"
+    main1, evals1 = _study_roots(one_seed, seeds=(0,))
+    text1, numbers1 = study_sections(load_runs([main1, evals1]), [], tmp_path)
+    assert "Ordering claims" not in text1 and "orderings" not in numbers1  # one seed: no every-seed verdict
+
+
+def test_the_sensitivity_table_makes_each_claim_again_and_marks_what_changes(tmp_path):
+    from analysis.load import load_runs
+    from analysis.study import study_sections
+
+    main, evals = _study_roots(tmp_path)
+    authors, truncated = tmp_path / "sensitivity", tmp_path / "sensitivity_truncated"
+    for seed in (0, 1):
+        # the authors' tanh is far better here: "PowerOPD > best post-hoc baseline" turns around
+        _toy_run(authors, f"t{seed}", {"name": "tanh", "tau": 5.0}, seed, 0.80)
+        _toy_run(truncated, f"v{seed}", {"name": "vanilla"}, seed, 0.50, {"top_p": 0.95, "top_k": 20})
+        _toy_run(truncated, f"p{seed}", {"name": "power", "alpha": 5.0}, seed, 0.52, {"top_p": 0.95, "top_k": 20})
+    text, numbers = study_sections(load_runs([main, evals]), [], tmp_path, [authors, truncated])
+    assert "## Sensitivity" in text
+    assert "+ Tanh τ=5: reward.tau 1 → 5\n" in text  # the only difference
+    assert "training.top_k 0 → 20, training.top_p 1 → 0.95" in text
+    rows = {r["claim"]: r for r in numbers["sensitivity"]}
+    best = rows["PowerOPD > best post-hoc baseline (by validation)"]
+    assert best["study"]["b"] == "+ Tanh" and best["study"]["lo"] > 0
+    assert best["sensitivity"]["b"] == "+ Tanh τ=5" and best["sensitivity"]["hi"] < 0
+    assert "(changed)" in text and "`sensitivity`: PowerOPD > best post-hoc baseline (by validation)." in text
+    # truncated sampling changes training settings: its rows meet only each other and the references
+    assert best["sensitivity_truncated"] is None
+    vs = rows["PowerOPD > Vanilla"]["sensitivity_truncated"]
+    assert vs["a"] == "PowerOPD α=5" and vs["b"] == "Vanilla" and vs["hi"] < 20  # its own, closer rows
+    assert rows["Full-vocab improves on the untrained student"]["sensitivity_truncated"] is None

@@ -134,6 +134,8 @@ def assert_grads_close(got, expected):
         ["reward=vanilla", "reward.loss_agg=seq_mean"],
         ["reward=full_vocab"],
         ["reward=full_vocab", "training.micro_batch_size=2", "training.logprob_chunk_size=3"],
+        # the authors' full-vocab reduction: per-rollout token means, terminal stop token kept
+        ["method=full_vocab_seqmean_keepstop", "training.micro_batch_size=2"],
     ],
 )
 def test_update_gradient_equals_brute_force(tmp_path, toy_cache, overrides):
@@ -195,6 +197,39 @@ def test_batch_without_valid_tokens_is_skipped(tmp_path, toy_cache):
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in metrics.values())
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["reward=power", "reward.alpha=3.0"],  # fused lm-head kernel
+        ["reward=zscore", "training.micro_batch_size=2"],  # log-probs kernel, then the rewards
+        ["reward=kl_loss"],
+        ["reward=full_vocab", "training.logprob_chunk_size=3"],
+        ["reward=jsd"],
+        ["reward=topk_kl", "reward.k=4"],
+    ],
+)
+def test_entropy_and_rewarded_share_equal_brute_force(tmp_path, toy_cache, overrides):
+    """entropy/mean: the student's -sum_v p log p over the valid tokens, from full logits;
+    reward/frac_above_0.01: the share of valid tokens with |reward| > 0.01."""
+    run = make_run(tmp_path, toy_cache, *overrides)
+    rollouts = make_rollouts(run, sample_completions(run, [5, 1, 10, 4], [True, True, False, True]))
+    P, ids, attn = rollouts.prompt_len, rollouts.input_ids_BS, rollouts.attention_mask_BS
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = run.student(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1 : -1].double()
+    log_p = torch.log_softmax(logits, -1)
+    mask = rollouts.loss_mask_BT(run.cfg.reward.stop_token)
+    expected = (-(log_p.exp() * log_p).sum(-1))[mask].mean().item()
+    metrics, tokens = opd_update(run, rollouts)
+    assert metrics["entropy/mean"] == pytest.approx(expected, rel=1e-5)
+    assert tokens["entropy"].numel() == int(mask.sum())
+    if "reward" in tokens:
+        share = (tokens["reward"].abs() > 0.01).double().mean().item()
+        assert metrics["reward/frac_above_0.01"] == pytest.approx(share) and 0 <= share <= 1
+    else:
+        assert "reward/frac_above_0.01" not in metrics  # a divergence has no per-token reward
+
+
 def test_statistics_cover_valid_tokens_only(tmp_path, toy_cache):
     run = make_run(tmp_path, toy_cache, "reward=power", "reward.alpha=3.0")
     completions = sample_completions(run, [4, 7, 6], [True, False, True])
@@ -236,6 +271,7 @@ def test_one_update_runs_each_model_once_and_projects_only_completion_tokens(
     # the kernels are called from models (log-probs) and from the objectives (losses)
     for module, kernel in (
         (models, "sampled_logprobs"),
+        (objectives, "sampled_logprobs"),  # the student's log-probs (and entropy) when rewards wait for the batch
         (objectives, "sampled_pg_loss"),
         (objectives, "full_vocab_kl"),
     ):

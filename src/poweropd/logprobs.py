@@ -26,6 +26,11 @@ with naive autograd); the first three:
   reused in place for the softmax and the logit gradient), which is the least the exact
   KL needs without splitting the vocabulary.
 
+Every student-side kernel can also return the policy entropy of each position,
+H_t = -sum_v pi(v|c_t) log pi(v|c_t) (`entropy=True`), read off the same [chunk, V] buffer
+while it is exponentiated (`_exp_plogp_`): no extra model pass, no extra [chunk, V] buffer,
+only [chunk, ENTROPY_BLOCK] temporaries and one multiply-add pass over the vocabulary.
+
 The vocabulary objectives beyond the paper (poweropd.objectives) add `generalized_jsd`
 (TRL's generalised JSD) and `topk_forward_kl` (verl's top-k forward KL, fed by
 `teacher_topk`), each run one chunk at a time inside torch.utils.checkpoint.
@@ -44,6 +49,7 @@ from collections.abc import Callable
 import torch
 
 VOCAB_BLOCK = 32768  # columns per exp-sum block when a normaliser must not destroy its logits
+ENTROPY_BLOCK = 8192  # columns per block when the entropy is read off an exponentiation
 
 
 def _chunks(n: int, size: int):
@@ -93,13 +99,30 @@ def _lse_keep(x_CV: torch.Tensor) -> torch.Tensor:
     return m_C + s_C.log()
 
 
-def _softmax_inplace(logits_CV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turns logits into softmax probabilities in place; returns (probs_CV, lse_C)."""
+def _exp_plogp_(y_CV: torch.Tensor) -> torch.Tensor:
+    """Exponentiates y in place, block by block, and returns sum_v exp(y_v) * y_v per row: the
+    entropy's numerator, for the price of one multiply-add pass (the exp values are bitwise
+    those of y.exp_())."""
+    acc_C = y_CV.new_zeros(y_CV.shape[0])
+    for cols in _chunks(y_CV.shape[1], ENTROPY_BLOCK):
+        block = y_CV[:, cols]
+        e = block.exp()
+        acc_C += (e * block).sum(-1)
+        block.copy_(e)
+    return acc_C
+
+
+def _softmax_inplace(logits_CV: torch.Tensor, entropy: bool = False):
+    """Turns logits into softmax probabilities in place; returns (probs_CV, lse_C, entropy_C or None)."""
     m_C = logits_CV.amax(-1)
-    probs_CV = logits_CV.sub_(m_C[:, None]).exp_()
+    y_CV = logits_CV.sub_(m_C[:, None])
+    plogp_C = _exp_plogp_(y_CV) if entropy else None  # sum_v e_v y_v with e = exp(y)
+    probs_CV = y_CV if entropy else y_CV.exp_()
     s_C = probs_CV.sum(-1)
     probs_CV.div_(s_C[:, None])
-    return probs_CV, m_C + s_C.log()
+    log_s_C = s_C.log()
+    # H = -sum p log p with p = e / s, log p = y - log s:  H = log s - sum(e y) / s
+    return probs_CV, m_C + log_s_C, None if plogp_C is None else log_s_C - plogp_C / s_C
 
 
 def _accumulate(dlogits_CV, h_CD, w_VD, rows, grad_h, grad_w) -> None:
@@ -143,23 +166,30 @@ def _scaled_grads(ctx, grad_loss) -> tuple:
 
 class _SampledLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk, compute_dtype):
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk, compute_dtype, entropy):
         w_VD = weight_VD.to(compute_dtype)
         out_N = hidden_ND.new_empty(hidden_ND.shape[0], dtype=torch.float32)
         lse_N = torch.empty_like(out_N)
+        ent_N = torch.empty_like(out_N) if entropy else out_N.new_empty(0)
         for rows in _chunks(hidden_ND.shape[0], chunk):
             logits_CV = _logits(hidden_ND[rows], w_VD)
             target_C = _gather(logits_CV, targets_N[rows])
             m_C = logits_CV.amax(-1)
-            lse_N[rows] = m_C + logits_CV.sub_(m_C[:, None]).exp_().sum(-1).log()
+            y_CV = logits_CV.sub_(m_C[:, None])
+            plogp_C = _exp_plogp_(y_CV) if entropy else None  # y becomes exp(y) either way
+            s_C = (y_CV if entropy else y_CV.exp_()).sum(-1)
+            lse_N[rows] = m_C + s_C.log()
+            if entropy:
+                ent_N[rows] = s_C.log() - plogp_C / s_C
             out_N[rows] = target_C - lse_N[rows]
             del logits_CV  # before the next chunk's logits exist: one [chunk, V] buffer at a time
         ctx.save_for_backward(hidden_ND, weight_VD, targets_N, lse_N)
         ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
-        return out_N
+        ctx.mark_non_differentiable(ent_N)
+        return out_N, ent_N
 
     @staticmethod
-    def backward(ctx, grad_N):
+    def backward(ctx, grad_N, _grad_ent):
         hidden_ND, weight_VD, targets_N, lse_N = ctx.saved_tensors
         w_VD = weight_VD.to(ctx.compute_dtype)
         grad_h, grad_w = _grad_buffers(ctx, hidden_ND, weight_VD)
@@ -176,14 +206,23 @@ class _SampledLogprobs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def sampled_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int = 1024):
-    """log softmax(hidden @ weight.T)[target] per row, fp32, differentiable in hidden and weight."""
+def sampled_logprobs(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    chunk: int = 1024,
+    entropy: bool = False,
+):
+    """log softmax(hidden @ weight.T)[target] per row, fp32, differentiable in hidden and weight.
+    With `entropy`: (log-probs, entropy_N), the entropy carrying no gradient."""
     dtype = _compute_dtype(weight_VD)
     with torch.autocast(hidden_ND.device.type, enabled=False):
-        return _SampledLogprobs.apply(hidden_ND, weight_VD, targets_N, chunk, dtype)
+        out_N, ent_N = _SampledLogprobs.apply(hidden_ND, weight_VD, targets_N, chunk, dtype, entropy)
+    return (out_N, ent_N) if entropy else out_N
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,18 +231,21 @@ def sampled_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N
 
 class _SampledPGLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, weights_N, reward_fn, chunk, compute_dtype):
+    def forward(ctx, hidden_ND, weight_VD, targets_N, weights_N, reward_fn, chunk, compute_dtype, entropy):
         w_VD = weight_VD.to(compute_dtype)
         n = hidden_ND.shape[0]
         lS_N = hidden_ND.new_empty(n, dtype=torch.float32)
         r_N = torch.empty_like(lS_N)
+        ent_N = torch.empty_like(lS_N) if entropy else lS_N.new_empty(0)
         grad_h, grad_w = _grad_buffers(ctx, hidden_ND, weight_VD)
         weights_N = weights_N.float()
         for rows in _chunks(n, chunk):
             t_C = targets_N[rows]
             logits_CV = _logits(hidden_ND[rows], w_VD)
             target_C = _gather(logits_CV, t_C)
-            probs_CV, lse_C = _softmax_inplace(logits_CV)
+            probs_CV, lse_C, ent_C = _softmax_inplace(logits_CV, entropy)
+            if entropy:
+                ent_N[rows] = ent_C
             lS_N[rows] = target_C - lse_C
             r_N[rows] = reward_fn(lS_N[rows], rows)
             if grad_h is not None or grad_w is not None:
@@ -215,12 +257,12 @@ class _SampledPGLoss(torch.autograd.Function):
                 del dlogits_CV
             del logits_CV, probs_CV  # one [chunk, V] buffer at a time
         _save_grads(ctx, hidden_ND, weight_VD, grad_h, grad_w)
-        ctx.mark_non_differentiable(lS_N, r_N)
-        return -(weights_N * r_N * lS_N).sum(), lS_N, r_N
+        ctx.mark_non_differentiable(lS_N, r_N, ent_N)
+        return -(weights_N * r_N * lS_N).sum(), lS_N, r_N, ent_N
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lS, _grad_r):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
+    def backward(ctx, grad_loss, _grad_lS, _grad_r, _grad_ent):
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None)
 
 
 def sampled_pg_loss(
@@ -230,6 +272,7 @@ def sampled_pg_loss(
     weights_N: torch.Tensor,
     reward_fn: Callable[[torch.Tensor, slice], torch.Tensor],
     chunk: int = 1024,
+    entropy: bool = False,
 ):
     """OPD loss with stop-gradient token rewards, fused with the lm-head.
 
@@ -237,12 +280,13 @@ def sampled_pg_loss(
 
     `reward_fn` gets the fp32 log-probs of one chunk and the slice of rows it covers and
     returns that chunk's rewards (it must not need other chunks: z-scored rewards go through
-    `sampled_logprobs`). Returns (loss, lS_N, r_N); only the loss carries gradient, and it
-    equals autograd through log_softmax-then-gather of the same loss.
+    `sampled_logprobs`). Returns (loss, lS_N, r_N), plus entropy_N with `entropy`; only the
+    loss carries gradient, and it equals autograd through log_softmax-then-gather of the same loss.
     """
     dtype = _compute_dtype(weight_VD)
     with torch.autocast(hidden_ND.device.type, enabled=False):
-        return _SampledPGLoss.apply(hidden_ND, weight_VD, targets_N, weights_N, reward_fn, chunk, dtype)
+        out = _SampledPGLoss.apply(hidden_ND, weight_VD, targets_N, weights_N, reward_fn, chunk, dtype, entropy)
+    return out if entropy else out[:3]
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,11 +295,12 @@ def sampled_pg_loss(
 
 class _FullVocabKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, chunk, dtype_S, dtype_T):
+    def forward(ctx, hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, chunk, dtype_S, dtype_T, entropy):
         wS, wT = wS_VD.to(dtype_S), wT_VD.to(dtype_T)
         n = hS_ND.shape[0]
         kl_N = hS_ND.new_empty(n, dtype=torch.float32)
         lS_N, lT_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
+        ent_N = torch.empty_like(kl_N) if entropy else kl_N.new_empty(0)
         grad_h, grad_w = _grad_buffers(ctx, hS_ND, wS_VD)
         weights_N = weights_N.float()
         for rows in _chunks(n, chunk):
@@ -267,7 +312,11 @@ class _FullVocabKL(torch.autograd.Function):
             diff_CV.sub_(_lse_keep(diff_CV)[:, None])
             lT_N[rows] = _gather(diff_CV, t_C)
             diff_CV.neg_().add_(logpS_CV)
-            pS_CV = logpS_CV.exp_()
+            if entropy:  # H = -sum pS log pS, read off while log pS becomes pS
+                ent_N[rows] = _exp_plogp_(logpS_CV).neg_()
+                pS_CV = logpS_CV
+            else:
+                pS_CV = logpS_CV.exp_()
             kl_C = torch.bmm(pS_CV[:, None, :], diff_CV[:, :, None]).view(-1)  # row-wise dot, no temp
             kl_N[rows] = kl_C
             if grad_h is not None or grad_w is not None:
@@ -277,12 +326,12 @@ class _FullVocabKL(torch.autograd.Function):
                 del dlogits_CV
             del logpS_CV, pS_CV, diff_CV  # two [chunk, V] buffers at a time, never more
         _save_grads(ctx, hS_ND, wS_VD, grad_h, grad_w)
-        ctx.mark_non_differentiable(kl_N, lS_N, lT_N)
-        return (kl_N * weights_N).sum(), kl_N, lS_N, lT_N
+        ctx.mark_non_differentiable(kl_N, lS_N, lT_N, ent_N)
+        return (kl_N * weights_N).sum(), kl_N, lS_N, lT_N, ent_N
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_kl, _grad_ls, _grad_lt):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None)
+    def backward(ctx, grad_loss, _grad_kl, _grad_ls, _grad_lt, _grad_ent):
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None, None)
 
 
 def full_vocab_kl(
@@ -293,6 +342,7 @@ def full_vocab_kl(
     targets_N: torch.Tensor,
     weights_N: torch.Tensor,
     chunk: int = 1024,
+    entropy: bool = False,
 ):
     """Exact reverse KL over the whole vocabulary, per token, in chunks.
 
@@ -300,14 +350,16 @@ def full_vocab_kl(
 
     Returns (loss, kl_N, lS_N, lT_N): loss = sum_t weights_t KL_t with the exact gradient
     through the whole student distribution (teacher side is constant); kl_N and the
-    sampled tokens' log-probs lS_N / lT_N come for free and carry no gradient.
+    sampled tokens' log-probs lS_N / lT_N come for free and carry no gradient (with `entropy`,
+    the student's entropy_N as a fifth output).
     """
     dtype_S = _compute_dtype(wS_VD)
     dtype_T = wT_VD.dtype if dtype_S == wS_VD.dtype else dtype_S
     with torch.autocast(hS_ND.device.type, enabled=False):
-        return _FullVocabKL.apply(
-            hS_ND, wS_VD, hT_ND.detach(), wT_VD.detach(), targets_N, weights_N, chunk, dtype_S, dtype_T
+        out = _FullVocabKL.apply(
+            hS_ND, wS_VD, hT_ND.detach(), wT_VD.detach(), targets_N, weights_N, chunk, dtype_S, dtype_T, entropy
         )
+    return out if entropy else out[:4]
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,18 +412,26 @@ def _student_logprobs(h_CD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(_logits(h_CD, w_VD), dim=-1)
 
 
+def _entropy_rows(l_CV: torch.Tensor) -> torch.Tensor:
+    """-sum_v p log p per row of log-probs, no gradient (a row-wise dot: no [C, V] temporary
+    beyond the exp)."""
+    with torch.no_grad():
+        return -torch.bmm(l_CV.exp()[:, None, :], l_CV[:, :, None]).view(-1)
+
+
 def _jsd_chunk(h_CD, w_VD, hT_CD, wT_VD, targets_C, weights_C, beta):
     lS_CV = _student_logprobs(h_CD, w_VD)
     with torch.no_grad():
         lT_CV = torch.log_softmax(_logits(hT_CD, wT_VD), dim=-1)
     d_C = jsd_rows(lS_CV, lT_CV, beta)
-    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach(), _gather(lT_CV, targets_C)
+    lS_C, lT_C = _gather(lS_CV, targets_C).detach(), _gather(lT_CV, targets_C)
+    return (d_C * weights_C).sum(), d_C.detach(), lS_C, lT_C, _entropy_rows(lS_CV.detach())
 
 
 def _topk_chunk(h_CD, w_VD, topk_lT_CK, topk_idx_CK, targets_C, weights_C):
     lS_CV = _student_logprobs(h_CD, w_VD)
     d_C = topk_kl_rows(lS_CV, topk_lT_CK, topk_idx_CK)
-    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach()
+    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach(), _entropy_rows(lS_CV.detach())
 
 
 def _checkpointed(fn, *args):
@@ -382,37 +442,44 @@ def _checkpointed(fn, *args):
     return fn(*args)
 
 
-def generalized_jsd(hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, beta: float, chunk: int = 1024):
+def _concat(parts: list[tuple], first: int, n_out: int, empty_like: torch.Tensor) -> list[torch.Tensor]:
+    """Per-token outputs `first..` of each chunk's tuple, concatenated (zero-length when no chunk)."""
+    if not parts:
+        return [empty_like.new_zeros(0, dtype=torch.float32) for _ in range(n_out)]
+    return [torch.cat([p[i] for p in parts]) for i in range(first, first + n_out)]
+
+
+def generalized_jsd(
+    hS_ND, wS_VD, hT_ND, wT_VD, targets_N, weights_N, beta: float, chunk: int = 1024, entropy: bool = False
+):
     """sum_t w_t JSD_beta(P_T(.|c_t), P_S(.|c_t)) over the whole vocabulary, in chunks.
 
-    Returns (loss, jsd_N, lS_N, lT_N): gradient through the whole student distribution
-    (including its share of the mixture M); the teacher is stop-gradient; jsd_N and the
-    sampled tokens' log-probs carry no gradient."""
+    Returns (loss, jsd_N, lS_N, lT_N), plus the student's entropy_N with `entropy`: gradient
+    through the whole student distribution (including its share of the mixture M); the
+    teacher is stop-gradient; the per-token outputs carry no gradient."""
     dtype_S = _compute_dtype(wS_VD)
     wS, wT = wS_VD.to(dtype_S), wT_VD.detach().to(dtype_S)
     # 0 x the inputs: a micro-batch without tokens still back-propagates (zeros)
-    loss, d, lS, lT = (hS_ND.sum() * 0.0).float(), [], [], []
+    loss, parts = (hS_ND.sum() * 0.0).float(), []
     with torch.autocast(hS_ND.device.type, enabled=False):
         for rows in _chunks(hS_ND.shape[0], chunk):
             out = _checkpointed(
                 _jsd_chunk, hS_ND[rows], wS, hT_ND[rows].detach(), wT, targets_N[rows], weights_N[rows].float(), beta
             )
             loss = loss + out[0]
-            d.append(out[1])
-            lS.append(out[2])
-            lT.append(out[3])
-    if not d:
-        return loss, *(hS_ND.new_zeros(0, dtype=torch.float32) for _ in range(3))
-    return loss, torch.cat(d), torch.cat(lS), torch.cat(lT)
+            parts.append(out)
+    return loss, *_concat(parts, 1, 4 if entropy else 3, hS_ND)
 
 
-def topk_forward_kl(hS_ND, wS_VD, topk_lT_NK, topk_idx_NK, targets_N, weights_N, chunk: int = 1024):
+def topk_forward_kl(
+    hS_ND, wS_VD, topk_lT_NK, topk_idx_NK, targets_N, weights_N, chunk: int = 1024, entropy: bool = False
+):
     """sum_t w_t sum_{v in topk_T(c_t)} P_T(v) (log P_T(v) - log P_S(v)), in chunks; needs only
     the teacher's top-k log-probs and indices per position (`teacher_topk`).
-    Returns (loss, kl_N, lS_N)."""
+    Returns (loss, kl_N, lS_N), plus the student's entropy_N with `entropy`."""
     dtype_S = _compute_dtype(wS_VD)
     wS = wS_VD.to(dtype_S)
-    loss, d, lS = (hS_ND.sum() * 0.0).float(), [], []
+    loss, parts = (hS_ND.sum() * 0.0).float(), []
     with torch.autocast(hS_ND.device.type, enabled=False):
         for rows in _chunks(hS_ND.shape[0], chunk):
             out = _checkpointed(
@@ -425,11 +492,8 @@ def topk_forward_kl(hS_ND, wS_VD, topk_lT_NK, topk_idx_NK, targets_N, weights_N,
                 weights_N[rows].float(),
             )
             loss = loss + out[0]
-            d.append(out[1])
-            lS.append(out[2])
-    if not d:
-        return loss, *(hS_ND.new_zeros(0, dtype=torch.float32) for _ in range(2))
-    return loss, torch.cat(d), torch.cat(lS)
+            parts.append(out)
+    return loss, *_concat(parts, 1, 3 if entropy else 2, hS_ND)
 
 
 @torch.no_grad()

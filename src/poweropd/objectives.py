@@ -39,7 +39,7 @@ import torch
 
 from poweropd import rewards
 from poweropd.errors import ConfigError
-from poweropd.logprobs import full_vocab_kl, generalized_jsd, sampled_pg_loss, topk_forward_kl
+from poweropd.logprobs import full_vocab_kl, generalized_jsd, sampled_logprobs, sampled_pg_loss, topk_forward_kl
 
 TEACHER_NEEDS = ("logprobs", "topk", "hidden")
 # Knobs that act on a per-token reward: an objective lists the ones it composes with.
@@ -101,6 +101,7 @@ class MicroLoss:
     lT_N: torch.Tensor  # the teacher's
     reward_N: torch.Tensor | None = None  # the per-token reward (sampled-token objectives)
     kl_N: torch.Tensor | None = None  # the per-token divergence (vocabulary objectives)
+    entropy_N: torch.Tensor | None = None  # the student's policy entropy at each position (no grad)
 
 
 Knobs = Mapping[str, object]  # a reward section: {"name": ..., "alpha": ..., ...}
@@ -185,14 +186,23 @@ def policy_gradient(objective: Objective, scorer: torch.nn.Module, micro: MicroB
             return objective.raw_reward(rc, lT_N[rows], lS_C)
 
         def head(h_ND, w_VD, targets_N):
-            return sampled_pg_loss(h_ND, w_VD, targets_N, micro.weights_N, reward_fn, micro.chunk)
+            return sampled_pg_loss(h_ND, w_VD, targets_N, micro.weights_N, reward_fn, micro.chunk, entropy=True)
 
-        loss, lS_N, r_N = scorer(*micro.inputs, head=head)
-        return MicroLoss(loss, lS_N, lT_N, reward_N=r_N)
-    lS_N = scorer(*micro.inputs)
+        loss, lS_N, r_N, ent_N = scorer(*micro.inputs, head=head)
+        return MicroLoss(loss, lS_N, lT_N, reward_N=r_N, entropy_N=ent_N)
+    lS_N, ent_N = student_logprobs(scorer, micro)
     r_N = token_rewards(objective, rc, lT_N, lS_N.detach(), micro.moments, micro.reduce)
     adv_N = advantages(r_N, micro.mask_BT, rc, micro.task_N)
-    return MicroLoss(-(adv_N * lS_N * micro.weights_N).sum(), lS_N, lT_N, reward_N=r_N)
+    return MicroLoss(-(adv_N * lS_N * micro.weights_N).sum(), lS_N, lT_N, reward_N=r_N, entropy_N=ent_N)
+
+
+def student_logprobs(scorer: torch.nn.Module, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(differentiable lS_N, entropy_N) of the micro-batch's valid tokens, from one chunked head pass."""
+
+    def head(h_ND, w_VD, targets_N):
+        return sampled_logprobs(h_ND, w_VD, targets_N, micro.chunk, entropy=True)
+
+    return scorer(*micro.inputs, head=head)
 
 
 def token_rewards(objective: Objective, rc, lT_N, lS_N, moments=None, reduce=lambda t: t) -> torch.Tensor:
@@ -232,12 +242,12 @@ def direct_estimator(objective: Objective, scorer: torch.nn.Module, micro: Micro
     """kl_loss: loss = sum_t w_t k(lT_t, lS_t), back-propagated through lS (k1 / k2 / k3), plus
     the task reward's policy-gradient term when task_weight > 0."""
     rc, lT_N, w_N = micro.rc, micro.teacher.lT_N, micro.weights_N
-    lS_N = scorer(*micro.inputs)
+    lS_N, ent_N = student_logprobs(scorer, micro)
     r_N = token_rewards(objective, rc, lT_N, lS_N.detach())  # -dk/dlS, for the statistics
     loss = (rewards.kl_estimator(lT_N, lS_N, rc.estimator) * w_N).sum()
     if micro.task_N is not None:
         loss = loss - (rc.task_weight * micro.task_N * lS_N * w_N).sum()
-    return MicroLoss(loss, lS_N, lT_N, reward_N=r_N)
+    return MicroLoss(loss, lS_N, lT_N, reward_N=r_N, entropy_N=ent_N)
 
 
 def full_vocab(objective: Objective, scorer: torch.nn.Module, micro: MicroBatch) -> MicroLoss:
@@ -246,10 +256,10 @@ def full_vocab(objective: Objective, scorer: torch.nn.Module, micro: MicroBatch)
 
     def head(h_ND, w_VD, targets_N):
         hT_ND, wT_VD = micro.teacher.hidden_ND, micro.teacher_head_VD
-        return full_vocab_kl(h_ND, w_VD, hT_ND, wT_VD, targets_N, micro.weights_N, micro.chunk)
+        return full_vocab_kl(h_ND, w_VD, hT_ND, wT_VD, targets_N, micro.weights_N, micro.chunk, entropy=True)
 
-    loss, kl_N, lS_N, lT_N = scorer(*micro.inputs, head=head)
-    return MicroLoss(loss, lS_N, lT_N, kl_N=kl_N)
+    loss, kl_N, lS_N, lT_N, ent_N = scorer(*micro.inputs, head=head)
+    return MicroLoss(loss, lS_N, lT_N, kl_N=kl_N, entropy_N=ent_N)
 
 
 def jsd(objective: Objective, scorer: torch.nn.Module, micro: MicroBatch) -> MicroLoss:
@@ -257,10 +267,11 @@ def jsd(objective: Objective, scorer: torch.nn.Module, micro: MicroBatch) -> Mic
 
     def head(h_ND, w_VD, targets_N):
         hT_ND, wT_VD = micro.teacher.hidden_ND, micro.teacher_head_VD
-        return generalized_jsd(h_ND, w_VD, hT_ND, wT_VD, targets_N, micro.weights_N, micro.rc.beta, micro.chunk)
+        beta = micro.rc.beta
+        return generalized_jsd(h_ND, w_VD, hT_ND, wT_VD, targets_N, micro.weights_N, beta, micro.chunk, entropy=True)
 
-    loss, kl_N, lS_N, lT_N = scorer(*micro.inputs, head=head)
-    return MicroLoss(loss, lS_N, lT_N, kl_N=kl_N)
+    loss, kl_N, lS_N, lT_N, ent_N = scorer(*micro.inputs, head=head)
+    return MicroLoss(loss, lS_N, lT_N, kl_N=kl_N, entropy_N=ent_N)
 
 
 def topk_kl(objective: Objective, scorer: torch.nn.Module, micro: MicroBatch) -> MicroLoss:
@@ -268,10 +279,10 @@ def topk_kl(objective: Objective, scorer: torch.nn.Module, micro: MicroBatch) ->
     vals_NK, idx_NK = micro.teacher.topk
 
     def head(h_ND, w_VD, targets_N):
-        return topk_forward_kl(h_ND, w_VD, vals_NK, idx_NK, targets_N, micro.weights_N, micro.chunk)
+        return topk_forward_kl(h_ND, w_VD, vals_NK, idx_NK, targets_N, micro.weights_N, micro.chunk, entropy=True)
 
-    loss, kl_N, lS_N = scorer(*micro.inputs, head=head)
-    return MicroLoss(loss, lS_N, micro.teacher.lT_N, kl_N=kl_N)
+    loss, kl_N, lS_N, ent_N = scorer(*micro.inputs, head=head)
+    return MicroLoss(loss, lS_N, micro.teacher.lT_N, kl_N=kl_N, entropy_N=ent_N)
 
 
 # ----------------------------------------------------------------------------------------
@@ -328,7 +339,16 @@ def method_label(reward: Knobs) -> str:
         text += f" γ={_num(r['gamma'])}"
     if float(r.get("task_weight") or 0):
         text += f" + task {_num(r['task_weight'])}"
+    reduction = [name for key, value, name in _REDUCTIONS if r.get(key) == value]
+    if reduction:
+        text += f" ({', '.join(reduction)})"
     return text
+
+
+# Loss reductions other than the paper's (§1: global token mean, terminal stop token masked):
+# (reward key, value, words in the label, suffix of the directory tag)
+_REDUCTIONS = (("loss_agg", "seq_mean", "seq-mean"), ("stop_token", "raw", "stop kept"))
+_REDUCTION_TAGS = {"seq-mean": "_seqmean", "stop kept": "_keepstop"}
 
 
 def method_tag(reward: Knobs) -> str:
@@ -341,6 +361,9 @@ def method_tag(reward: Knobs) -> str:
         tag += f"_g{_num(r['gamma'])}"
     if float(r.get("task_weight") or 0):
         tag += f"_task{_num(r['task_weight'])}"
+    for key, value, name in _REDUCTIONS:
+        if r.get(key) == value:
+            tag += _REDUCTION_TAGS[name]
     return tag
 
 
@@ -357,8 +380,34 @@ register(
         "vanilla", _fixed("Vanilla"), _fixed("vanilla"), reward=rewards.log_ratio, check=_vanilla_check, paper=True
     )
 )
-register(Objective("clip", _fixed("+ Clip"), _fixed("clip"), reward=rewards.clipped_log_ratio, paper=True))
-register(Objective("tanh", _fixed("+ Tanh"), _fixed("tanh"), reward=rewards.tanh_log_ratio, paper=True))
+
+
+def _clip_label(r: Knobs) -> str:
+    lo, hi = float(r.get("clip_low", -1.0)), float(r.get("clip_high", 1.0))
+    if (lo, hi) == (-1.0, 1.0):  # the paper's bounds: the row's plain name
+        return "+ Clip"
+    return f"+ Clip ±{_num(hi)}" if lo == -hi else f"+ Clip [{_num(lo)}, {_num(hi)}]"
+
+
+def _clip_tag(r: Knobs) -> str:
+    lo, hi = float(r.get("clip_low", -1.0)), float(r.get("clip_high", 1.0))
+    if (lo, hi) == (-1.0, 1.0):
+        return "clip"
+    return f"clip{_num(hi)}" if lo == -hi else f"clip{_num(lo)}_{_num(hi)}"
+
+
+def _tanh_label(r: Knobs) -> str:
+    tau = float(r.get("tau", 1.0))
+    return "+ Tanh" if tau == 1.0 else f"+ Tanh τ={_num(tau)}"
+
+
+def _tanh_tag(r: Knobs) -> str:
+    tau = float(r.get("tau", 1.0))
+    return "tanh" if tau == 1.0 else f"tanh{_num(tau)}"
+
+
+register(Objective("clip", _clip_label, _clip_tag, reward=rewards.clipped_log_ratio, paper=True))
+register(Objective("tanh", _tanh_label, _tanh_tag, reward=rewards.tanh_log_ratio, paper=True))
 # the z-score baseline normalises the log-ratio over the batch (normalize=zscore)
 register(
     Objective(

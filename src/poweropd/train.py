@@ -217,11 +217,28 @@ def opd_update(
     for key in ("reward", "kl"):
         if key in gathered:
             metrics.update(summarize(key, gathered[key]))
+    metrics.update(diagnostics(gathered))
     if rollouts.engine_logprobs_BT is not None:
         metrics.update(engine_logprob_gap(acc, rollouts.engine_logprobs_BT[mask_BT], flat["lS"]))
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
     return metrics, gathered
+
+
+ACTIVE_REWARD = 0.01  # |reward| above which a token counts as still pushing the student (the authors' threshold)
+
+
+def diagnostics(tokens: dict) -> dict:
+    """The two per-step readings the authors' trainer logs beside the reward statistics: the
+    student's mean policy entropy over the rollout tokens (from the loss pass's own lm-head
+    chunks) and the share of tokens whose |reward| exceeds ACTIVE_REWARD (sampled-token
+    objectives; the authors use 0.01 for the probability-difference rewards)."""
+    out = {}
+    if "entropy" in tokens and tokens["entropy"].numel():
+        out["entropy/mean"] = tokens["entropy"].double().mean().item()
+    if "reward" in tokens and tokens["reward"].numel():
+        out[f"reward/frac_above_{ACTIVE_REWARD:g}"] = (tokens["reward"].abs() > ACTIVE_REWARD).double().mean().item()
+    return out
 
 
 def token_tensors(outs: list[MicroLoss], positions: list[torch.Tensor]) -> dict:
@@ -231,7 +248,7 @@ def token_tensors(outs: list[MicroLoss], positions: list[torch.Tensor]) -> dict:
         "lS": torch.cat([o.lS_N.detach() for o in outs]),
         "pos": torch.cat(positions),
     }
-    for key, attr in (("reward", "reward_N"), ("kl", "kl_N")):
+    for key, attr in (("reward", "reward_N"), ("kl", "kl_N"), ("entropy", "entropy_N")):
         if getattr(outs[0], attr) is not None:
             flat[key] = torch.cat([getattr(o, attr) for o in outs])
     flat["log_ratio"] = flat["lT"] - flat["lS"]
@@ -283,7 +300,7 @@ def drop_nonfinite_teacher_tokens(mask_BT, micro, teacher: list[TeacherOut]):
 def finite_tokens(tokens: dict) -> dict:
     """The per-token tensors restricted to tokens whose values are all finite."""
     ok = torch.ones_like(tokens["lS"], dtype=torch.bool)
-    for key in ("lT", "lS", "reward", "kl", "log_ratio"):
+    for key in ("lT", "lS", "reward", "kl", "log_ratio", "entropy"):
         if key in tokens:
             ok &= torch.isfinite(tokens[key])
     if bool(ok.all()):
