@@ -161,6 +161,22 @@ def test_resume_refuses_a_different_config(tmp_path, toy_cache):
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == original  # nothing already written is lost
 
 
+def test_a_finished_run_is_done_only_for_its_own_config(tmp_path, toy_cache):
+    """Re-launching a finished run's command is a no-op; launching another config into its
+    directory (a sweep whose job numbers moved) is refused in one line, not taken as done."""
+    run_dir = tmp_path / "run"
+    run_py(run_dir, toy_cache, "training.steps=2", "training.save_every=0", "reward=power")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    again = run_py(run_dir, toy_cache, "training.steps=2", "training.save_every=0", "reward=power")
+    assert "already holds an ended run" in again.stdout + again.stderr
+    cmd = [sys.executable, "run.py", *MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}"]
+    cmd += [f"hydra.run.dir={run_dir}", "training.steps=2", "training.save_every=0", "reward=power", "reward.alpha=50"]
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "reward.alpha: 5.0 -> 50.0" in bad.stderr
+    assert "\n" not in bad.stderr.strip()
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # the finished run is untouched
+
+
 def test_wandb_mirror_offline(tmp_path, toy_cache):
     run_dir = tmp_path / "run"
     run_py(run_dir, toy_cache, "logger=wandb", "logger.mode=offline", "training.steps=2", "training.save_every=0")

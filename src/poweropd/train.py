@@ -566,6 +566,9 @@ def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> d
             run_dir / SUMMARY, "delete it to resume the run from its last checkpoint (the metrics are kept)"
         )
         if previous.get("status") == "finished" or latest_checkpoint(run_dir) is None:
+            # Only the same experiment is "already done": a sweep whose job numbers moved (a
+            # grid edited between launches) must not take another config's run for its own.
+            check_resume_config(cfg, run_dir, acc.is_main_process)
             if acc.is_main_process:
                 restore_first_launch(run_dir)  # Hydra rewrote .hydra/ for this launch: undo it
             log.info("%s already holds an ended run (summary.json); nothing to do", run_dir)
