@@ -362,6 +362,15 @@ class Variant:
     groups: dict[str, Group]
     changes: dict[str, str]  # group label -> "reward.tau 1.0 -> 5.0, ..." against the study's row
     training_changed: bool  # it changes training settings (sampling, ...), not only a reward's knobs
+    replaces: dict[str, str] = None  # group label -> the label of the study's row it stands for
+
+    def claim_key(self, claim: str) -> str:
+        """The study's wording of one of this variant's claims ("+ Clip ±5 > Vanilla" is the
+        study's "+ Clip > Vanilla" made with the authors' clip)."""
+        for label, base in sorted((self.replaces or {}).items(), key=lambda kv: -len(kv[0])):
+            if label != base:
+                claim = claim.replace(label, base)
+        return claim
 
 
 CONFIG_PREFIXES = ("reward.", "training.")
@@ -385,7 +394,7 @@ def variant_of(main: RunSet, root: Path) -> Variant:
     sens = load_runs([root])
     groups = {label: g for label, g in test_groups(sens).items() if g.reward != "reference"}
     base_runs = main.finished
-    changes, training_changed = {}, False
+    changes, replaces, training_changed = {}, {}, False
     for label, group in groups.items():
         mine = sens.finished[sens.finished["label"] == label]
         same = base_runs[base_runs.get("reward.name", pd.Series(dtype=str)) == group.reward]
@@ -394,11 +403,12 @@ def variant_of(main: RunSet, root: Path) -> Variant:
         if mine.empty or same.empty:
             changes[label] = "no counterpart among the study's rows"
             continue
+        replaces[label] = str(same.iloc[0]["label"])
         a, b = _group_config(same), _group_config(mine)
         diff = [k for k in sorted(set(a) | set(b)) if not _same(a.get(k), b.get(k))]
         changes[label] = ", ".join(f"{k} {_show(a.get(k))} → {_show(b.get(k))}" for k in diff) or "no difference"
         training_changed |= any(k.startswith("training.") for k in diff)
-    return Variant(Path(root).name, groups, changes, training_changed)
+    return Variant(Path(root).name, groups, changes, training_changed, replaces)
 
 
 def _same(a, b) -> bool:
@@ -436,6 +446,8 @@ def _cell(o: Ordering | None, base: Ordering | None) -> str:
     if o is None:
         return "-"
     text = f"{o.diff:+.1f} [{o.lo:+.1f}, {o.hi:+.1f}], {o.seeds_holding}/{o.seeds}: {_short_verdict(o)}"
+    if base is not None and (o.a, o.b) != (base.a, base.b):
+        text += f" ({o.a} vs {o.b})"
     if base is not None and _short_verdict(base) != _short_verdict(o):
         return f"**{text} (changed)**"
     return text
@@ -447,14 +459,17 @@ def sensitivity_markdown(
     """One table: every ordering claim as the study ran it and under each variant (its A and B
     may be other rows: the variant's own). A cell whose verdict differs from the study's is
     marked (changed)."""
-    per_variant = [[o for o in ordering_claims(merged_groups(main_groups, v)) if o.seeds >= 2] for v in variants]
-    claims = list(dict.fromkeys([o.claim for o in main_orderings] + [o.claim for os in per_variant for o in os]))
+    per_variant = [
+        {v.claim_key(o.claim): o for o in ordering_claims(merged_groups(main_groups, v)) if o.seeds >= 2}
+        for v in variants
+    ]
+    claims = list(dict.fromkeys([o.claim for o in main_orderings] + [c for os in per_variant for c in os]))
     base = {o.claim: o for o in main_orderings}
     head = "| Claim | as the study ran it | " + " | ".join(f"`{v.name}`" for v in variants) + " |"
     lines = [head, "|---|---|" + "---|" * len(variants)]
     rows = []
     for claim in claims:
-        found = [{o.claim: o for o in os}.get(claim) for os in per_variant]
+        found = [os.get(claim) for os in per_variant]
         if all(o is None for o in found):
             continue
         cells = [_cell(base.get(claim), None)] + [_cell(o, base.get(claim)) for o in found]
@@ -469,8 +484,9 @@ def sensitivity_markdown(
     md = [
         "## Sensitivity: the same claims with the baselines run the authors' way, and with truncated sampling\n",
         "Each column re-runs some rows another way (same pair, budget, learning rate and seeds) and makes every "
-        "claim again; a cell is Avg@8 A - B in points [95% paired bootstrap], seeds where A > B, verdict. "
-        "**(changed)**: the verdict differs from the study's.\n",
+        "claim again with them; a cell is Avg@8 A - B in points [95% paired bootstrap], seeds where A > B, "
+        "verdict, and the rows compared when they are not the study's. **(changed)**: the verdict differs "
+        "from the study's.\n",
     ]
     for v in variants:
         scope = (

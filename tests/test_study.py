@@ -258,6 +258,10 @@ def test_the_sensitivity_table_makes_each_claim_again_and_marks_what_changes(tmp
     assert best["study"]["b"] == "+ Tanh" and best["study"]["lo"] > 0
     assert best["sensitivity"]["b"] == "+ Tanh τ=5" and best["sensitivity"]["hi"] < 0
     assert "(changed)" in text and "`sensitivity`: PowerOPD > best post-hoc baseline (by validation)." in text
+    # a claim made with the variant's row is the study's claim of the row it stands for
+    tanh = rows["+ Tanh > Vanilla"]
+    assert tanh["study"]["a"] == "+ Tanh" and tanh["sensitivity"]["a"] == "+ Tanh τ=5"
+    assert "(+ Tanh τ=5 vs Vanilla)" in text and "+ Tanh τ=5 > Vanilla" not in rows
     # truncated sampling changes training settings: its rows meet only each other and the references
     assert best["sensitivity_truncated"] is None
     vs = rows["PowerOPD > Vanilla"]["sensitivity_truncated"]

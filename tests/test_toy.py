@@ -130,6 +130,9 @@ def test_shipped_pair_matches_its_manifest_and_the_default_spec():
         assert sha256_of(weights) == manifest[f"{role}/model.safetensors"]
     spec = make_config([]).model_pair.toy
     assert shipped_key() == cache_key(spec)
+    from poweropd.toy.spec import ToyPairSpec
+
+    assert cache_key(ToyPairSpec()) == shipped_key()  # the benchmarks build their config from the dataclass
     build = json.loads((SHIPPED_DIR / "build.json").read_text())
     assert build["spec"] == json.loads(json.dumps(spec.__dict__, default=lambda o: o.__dict__))
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
@@ -192,3 +195,24 @@ def test_ship_writes_a_pair_and_a_manifest_that_sha256sum_reads(tmp_path):
     assert (target / "SHA256SUMS").read_text() == (SHIPPED_DIR / "SHA256SUMS").read_text()
     if shutil.which("sha256sum"):
         assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=target).returncode == 0
+
+
+@pytest.mark.e2e
+def test_rebuild_replaces_a_cached_pair_with_a_fresh_build(tmp_path):
+    """`python -m poweropd.toy.build build` (here: its `rebuild` on a tiny spec) builds again
+    even when the key is cached, and leaves exactly one folder and its lock."""
+    from poweropd.toy.build import ensure_toy_pair, rebuild
+    from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
+
+    spec = ToyPairSpec(
+        batch_size=4,
+        warmup_steps=1,
+        eval_problems=4,
+        teacher=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2),
+        student=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2),
+    )
+    first = ensure_toy_pair(spec, tmp_path)
+    (first / "marker").write_text("from the first build")
+    again = rebuild(spec, tmp_path)
+    assert again == first and not (again / "marker").exists() and (again / "build.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, f"{first.name}.lock"])
