@@ -80,7 +80,7 @@ def target_pair(cfg: EvaluateConfig) -> ModelPairConfig:
 
 def resolve_target(cfg: EvaluateConfig, pair: ModelPairConfig) -> EvalTarget:
     """Turn evaluate.py's config into (weights, chat settings, output folder). Builds the
-    toy pair on first use."""
+    toy pair on first use when its spec is not the shipped one."""
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir).expanduser()
         if cfg.checkpoint == "final":
