@@ -130,7 +130,8 @@ def build_report(
             "Fig 6 (beyond the paper): gradient norm, policy entropy, tokens still rewarded",
             "The two per-step readings the authors' trainer logs, beside the gradient norm: the student's mean "
             "policy entropy over the rollout tokens (from the loss pass's own lm-head chunks) and the share of "
-            "tokens with |reward| > 0.01 (sampled-token objectives).",
+            "tokens with |reward| > 0.01 (sampled-token objectives; one threshold for rewards of different scales: "
+            "a z-scored reward is almost never that close to 0).",
             figures.fig6_diagnostics(finished, curves, fig_dir),
         ),
     ]

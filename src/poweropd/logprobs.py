@@ -419,19 +419,21 @@ def _entropy_rows(l_CV: torch.Tensor) -> torch.Tensor:
         return -torch.bmm(l_CV.exp()[:, None, :], l_CV[:, :, None]).view(-1)
 
 
-def _jsd_chunk(h_CD, w_VD, hT_CD, wT_VD, targets_C, weights_C, beta):
+def _jsd_chunk(h_CD, w_VD, hT_CD, wT_VD, targets_C, weights_C, beta, entropy):
     lS_CV = _student_logprobs(h_CD, w_VD)
     with torch.no_grad():
         lT_CV = torch.log_softmax(_logits(hT_CD, wT_VD), dim=-1)
     d_C = jsd_rows(lS_CV, lT_CV, beta)
     lS_C, lT_C = _gather(lS_CV, targets_C).detach(), _gather(lT_CV, targets_C)
-    return (d_C * weights_C).sum(), d_C.detach(), lS_C, lT_C, _entropy_rows(lS_CV.detach())
+    ent_C = _entropy_rows(lS_CV.detach()) if entropy else lS_C.new_zeros(0)
+    return (d_C * weights_C).sum(), d_C.detach(), lS_C, lT_C, ent_C
 
 
-def _topk_chunk(h_CD, w_VD, topk_lT_CK, topk_idx_CK, targets_C, weights_C):
+def _topk_chunk(h_CD, w_VD, topk_lT_CK, topk_idx_CK, targets_C, weights_C, entropy):
     lS_CV = _student_logprobs(h_CD, w_VD)
     d_C = topk_kl_rows(lS_CV, topk_lT_CK, topk_idx_CK)
-    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach(), _entropy_rows(lS_CV.detach())
+    ent_C = _entropy_rows(lS_CV.detach()) if entropy else d_C.new_zeros(0)
+    return (d_C * weights_C).sum(), d_C.detach(), _gather(lS_CV, targets_C).detach(), ent_C
 
 
 def _checkpointed(fn, *args):
@@ -464,7 +466,15 @@ def generalized_jsd(
     with torch.autocast(hS_ND.device.type, enabled=False):
         for rows in _chunks(hS_ND.shape[0], chunk):
             out = _checkpointed(
-                _jsd_chunk, hS_ND[rows], wS, hT_ND[rows].detach(), wT, targets_N[rows], weights_N[rows].float(), beta
+                _jsd_chunk,
+                hS_ND[rows],
+                wS,
+                hT_ND[rows].detach(),
+                wT,
+                targets_N[rows],
+                weights_N[rows].float(),
+                beta,
+                entropy,
             )
             loss = loss + out[0]
             parts.append(out)
@@ -490,6 +500,7 @@ def topk_forward_kl(
                 topk_idx_NK[rows],
                 targets_N[rows],
                 weights_N[rows].float(),
+                entropy,
             )
             loss = loss + out[0]
             parts.append(out)

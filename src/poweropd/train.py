@@ -232,7 +232,9 @@ def diagnostics(tokens: dict) -> dict:
     """The two per-step readings the authors' trainer logs beside the reward statistics: the
     student's mean policy entropy over the rollout tokens (from the loss pass's own lm-head
     chunks) and the share of tokens whose |reward| exceeds ACTIVE_REWARD (sampled-token
-    objectives; the authors use 0.01 for the probability-difference rewards)."""
+    objectives). The authors use 0.01 for the probability-difference rewards and 0.1 for
+    the log-ratio family; one threshold here, so read the share across reward scales (a
+    z-scored reward is almost never within 0.01 of 0) as a property of each scale."""
     out = {}
     if "entropy" in tokens and tokens["entropy"].numel():
         out["entropy/mean"] = tokens["entropy"].double().mean().item()
