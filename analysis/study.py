@@ -227,6 +227,13 @@ class Ordering:
     seeds: int
 
     @property
+    def short_verdict(self) -> str:
+        """holds | holds on average | reversed | not resolved (the verdict in one or two words)."""
+        if self.lo > 0:
+            return "holds" if self.seeds_holding == self.seeds else "holds on average"
+        return "reversed" if self.hi < 0 else "not resolved"
+
+    @property
     def verdict(self) -> str:
         if self.lo > 0 and self.seeds_holding == self.seeds:
             return "holds (every seed, interval > 0)"
@@ -436,19 +443,13 @@ def merged_groups(main_groups: dict[str, Group], variant: Variant) -> dict[str, 
     return {**kept, **variant.groups}
 
 
-def _short_verdict(o: Ordering) -> str:
-    if o.lo > 0:
-        return "holds" if o.seeds_holding == o.seeds else "holds on average"
-    return "reversed" if o.hi < 0 else "not resolved"
-
-
 def _cell(o: Ordering | None, base: Ordering | None) -> str:
     if o is None:
         return "-"
-    text = f"{o.diff:+.1f} [{o.lo:+.1f}, {o.hi:+.1f}], {o.seeds_holding}/{o.seeds}: {_short_verdict(o)}"
+    text = f"{o.diff:+.1f} [{o.lo:+.1f}, {o.hi:+.1f}], {o.seeds_holding}/{o.seeds}: {o.short_verdict}"
     if base is not None and (o.a, o.b) != (base.a, base.b):
         text += f" ({o.a} vs {o.b})"
-    if base is not None and _short_verdict(base) != _short_verdict(o):
+    if base is not None and base.short_verdict != o.short_verdict:
         return f"**{text} (changed)**"
     return text
 
@@ -467,11 +468,14 @@ def sensitivity_markdown(
     base = {o.claim: o for o in main_orderings}
     head = "| Claim | as the study ran it | " + " | ".join(f"`{v.name}`" for v in variants) + " |"
     lines = [head, "|---|---|" + "---|" * len(variants)]
-    rows = []
+    rows, changed = [], {v.name: [] for v in variants}
     for claim in claims:
         found = [os.get(claim) for os in per_variant]
         if all(o is None for o in found):
             continue
+        for v, o in zip(variants, found):
+            if o is not None and claim in base and o.short_verdict != base[claim].short_verdict:
+                changed[v.name].append(claim)
         cells = [_cell(base.get(claim), None)] + [_cell(o, base.get(claim)) for o in found]
         lines.append(f"| {claim} | " + " | ".join(cells) + " |")
         rows.append(
@@ -498,25 +502,12 @@ def sensitivity_markdown(
         md += [f"  - {label}: {change}" for label, change in v.changes.items()]
     md.append("")
     md.append("\n".join(lines) + "\n")
-    changes = []
-    for v in variants:
-        claims_changed = [
-            r["claim"]
-            for r in rows
-            if r.get(v.name) and r.get("study") and _verdict_word(r[v.name]) != _verdict_word(r["study"])
-        ]
-        if claims_changed:
-            changes.append(f"`{v.name}`: " + "; ".join(claims_changed))
+    changes = [f"`{name}`: " + "; ".join(claims) for name, claims in changed.items() if claims]
     if changes:
         md.append("Verdicts that change: " + ". ".join(changes) + ".\n")
     elif rows:
         md.append("No claim changes its verdict.\n")
     return "\n".join(md), rows
-
-
-def _verdict_word(record: dict) -> str:
-    o = Ordering(**{k: record[k] for k in Ordering.__dataclass_fields__})
-    return _short_verdict(o)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,21 @@ MICRO_PAIR = [
     "model_pair.toy.eval_problems=8",
 ]
 
+
+def tiny_toy_spec():
+    """A ToyPairSpec that builds in a second (for tests of the builder itself, not of training)."""
+    from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
+
+    model = dict(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32)
+    return ToyPairSpec(
+        batch_size=4,
+        warmup_steps=1,
+        eval_problems=4,
+        teacher=ToyModelSpec(**model, sft_steps=3),
+        student=ToyModelSpec(**model, sft_steps=2),
+    )
+
+
 # A training run of a few seconds on the micro pair.
 MICRO_TRAINING = [
     "training.steps=4",

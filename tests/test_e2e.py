@@ -186,16 +186,12 @@ def test_wandb_mirror_offline(tmp_path, toy_cache):
 
 
 def test_toy_pair_build_is_deterministic(tmp_path):
-    from poweropd.toy.build import ensure_toy_pair
-    from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
+    from conftest import tiny_toy_spec
 
-    spec = ToyPairSpec(
-        batch_size=4,
-        warmup_steps=1,
-        eval_problems=4,
-        teacher=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=3),
-        student=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2),
-    )
+    from poweropd.toy.build import ensure_toy_pair
+    from poweropd.toy.spec import ToyPairSpec
+
+    spec = tiny_toy_spec()
     a, b = ensure_toy_pair(spec, tmp_path / "a"), ensure_toy_pair(spec, tmp_path / "b")
     assert a.name == b.name  # same spec, same cache key
     from safetensors.torch import load_file

@@ -201,16 +201,11 @@ def test_ship_writes_a_pair_and_a_manifest_that_sha256sum_reads(tmp_path):
 def test_rebuild_replaces_a_cached_pair_with_a_fresh_build(tmp_path):
     """`python -m poweropd.toy.build build` (here: its `rebuild` on a tiny spec) builds again
     even when the key is cached, and leaves exactly one folder and its lock."""
-    from poweropd.toy.build import ensure_toy_pair, rebuild
-    from poweropd.toy.spec import ToyModelSpec, ToyPairSpec
+    from conftest import tiny_toy_spec
 
-    spec = ToyPairSpec(
-        batch_size=4,
-        warmup_steps=1,
-        eval_problems=4,
-        teacher=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2),
-        student=ToyModelSpec(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32, sft_steps=2),
-    )
+    from poweropd.toy.build import ensure_toy_pair, rebuild
+
+    spec = tiny_toy_spec()
     first = ensure_toy_pair(spec, tmp_path)
     (first / "marker").write_text("from the first build")
     again = rebuild(spec, tmp_path)
