@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import MICRO_PAIR, MICRO_TRAINING, make_config
 
+import poweropd.models as models_mod
 import poweropd.train as train_mod
 from poweropd.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
@@ -44,7 +45,7 @@ class Injector:
 
     def __init__(self, monkeypatch, teacher=None, student=None, steps=None):
         self.step, self.teacher, self.student, self.steps = 0, teacher, student, steps
-        original_step, original_score, original_setup = train_mod.opd_step, train_mod.score_teacher, train_mod.setup_run
+        original_step, original_score, original_setup = train_mod.opd_step, models_mod.score_teacher, train_mod.setup_run
 
         def opd_step(run, rows):
             self.step += 1
@@ -76,7 +77,7 @@ class Injector:
             return run
 
         monkeypatch.setattr(train_mod, "opd_step", opd_step)
-        monkeypatch.setattr(train_mod, "score_teacher", score_teacher)
+        monkeypatch.setattr(models_mod, "score_teacher", score_teacher)  # the hf teacher backend calls it
         monkeypatch.setattr(train_mod, "setup_run", setup_run)
 
     def active(self) -> bool:

@@ -107,6 +107,52 @@ class RewardConfig:
         return method_label(dataclasses.asdict(self))
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM engine (training.rollout_engine=vllm, eval.backend=vllm); see poweropd.vllm_engine."""
+
+    gpu_memory_utilization: float = _help("GPU memory share the engine may take (weights + KV cache)", 0.3)
+    kv_cache_gib: float = _help("explicit KV cache size in GiB (0 = from the share on GPU, 1 GiB on CPU)", 0.0)
+    sleep: bool = _help("offload weights and free the KV cache during each update (vLLM sleep mode, CUDA)", True)
+    enforce_eager: bool | None = _help("no CUDA graphs / compilation (null = eager on CPU, graphs on GPU)", None)
+    max_model_len: int = _help("engine context length (0 = the model's)", 0)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+        _positive("vllm.kv_cache_gib", self.kv_cache_gib, strict=False)
+        _positive("vllm.max_model_len", self.max_model_len, strict=False)
+
+
+TEACHER_BACKENDS = ("hf", "vllm", "server")
+
+
+@dataclass
+class TeacherServerConfig:
+    """How the trainer talks to a served teacher (model_pair.teacher_backend=server); see
+    poweropd.teacher_client."""
+
+    timeout_s: float = _help("seconds one scoring request may take before it is retried", 120.0)
+    max_retries: int = _help("retries of a failed request (refused connection, timeout, 5xx) before the run stops", 5)
+    backoff_s: float = _help("wait before the first retry; doubled on each further one (capped at 30 s)", 1.0)
+    concurrency: int = _help("scoring requests in flight at once", 4)
+    rollouts_per_request: int = _help("rollouts scored by one request", 8)
+    startup_wait_s: float = _help(
+        "at start-up, wait this long for the server to answer (0: refuse at once; a SLURM job that starts "
+        "the teacher beside the trainer sets several minutes)",
+        0.0,
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("timeout_s", "concurrency", "rollouts_per_request"):
+            _positive(f"model_pair.teacher_server.{key}", getattr(self, key))
+        for key in ("max_retries", "backoff_s", "startup_wait_s"):
+            _positive(f"model_pair.teacher_server.{key}", getattr(self, key), strict=False)
+
+
 @dataclass
 class ModelPairConfig:
     """Teacher and student. `kind=toy` builds the embedded pair; `kind=hf` loads hub ids or
@@ -129,6 +175,14 @@ class ModelPairConfig:
         "toy: use the pair shipped with the package when the spec is its spec (false: build into cache_dir)", True
     )
     toy: ToyPairSpec = _help("toy: sizes and SFT budget of the built pair", factory=ToyPairSpec)
+    teacher_backend: str = _help(
+        "where the teacher runs: hf (in the trainer) | vllm (an in-process vLLM engine) | server (a vLLM server "
+        "at teacher_url); vllm and server score sampled tokens and top-k only",
+        "hf",
+    )
+    teacher_url: str = _help("teacher_backend=server: the server's base URL, http://HOST:PORT", "")
+    teacher_server: TeacherServerConfig = _help("teacher_backend=server: timeouts, retries, batching", factory=TeacherServerConfig)
+    teacher_vllm: VLLMConfig = _help("teacher_backend=vllm: the teacher engine's memory settings", factory=VLLMConfig)
 
     def __post_init__(self) -> None:
         _one_of("model_pair.kind", self.kind, PAIR_KINDS)
@@ -140,26 +194,12 @@ class ModelPairConfig:
             )
         if not self.stop_tokens:
             raise ConfigError("model_pair.stop_tokens must name at least one token")
-
-
-ROLLOUT_ENGINES = ("hf", "vllm")
-
-
-@dataclass
-class VLLMConfig:
-    """The vLLM engine (training.rollout_engine=vllm, eval.backend=vllm); see poweropd.vllm_engine."""
-
-    gpu_memory_utilization: float = _help("GPU memory share the engine may take (weights + KV cache)", 0.3)
-    kv_cache_gib: float = _help("explicit KV cache size in GiB (0 = from the share on GPU, 1 GiB on CPU)", 0.0)
-    sleep: bool = _help("offload weights and free the KV cache during each update (vLLM sleep mode, CUDA)", True)
-    enforce_eager: bool | None = _help("no CUDA graphs / compilation (null = eager on CPU, graphs on GPU)", None)
-    max_model_len: int = _help("engine context length (0 = the model's)", 0)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm.gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
-        _positive("vllm.kv_cache_gib", self.kv_cache_gib, strict=False)
-        _positive("vllm.max_model_len", self.max_model_len, strict=False)
+        _one_of("model_pair.teacher_backend", self.teacher_backend, TEACHER_BACKENDS)
+        if self.teacher_backend == "server" and not self.teacher_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"model_pair.teacher_backend=server needs model_pair.teacher_url=http://HOST:PORT (got {self.teacher_url!r}); "
+                "start a server with: python -m poweropd.serve teacher"
+            )
 
 
 @dataclass
@@ -283,6 +323,17 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        from poweropd.objectives import get_objective
+
+        backend = self.model_pair.teacher_backend
+        if backend != "hf" and get_objective(self.reward.name).teacher == "hidden":
+            raise ConfigError(
+                f"reward={self.reward.name} needs the teacher's whole distribution at every token, which "
+                f"model_pair.teacher_backend={backend} does not return (it scores sampled tokens and top-k); use "
+                "model_pair.teacher_backend=hf, or reward=topk_kl for a served teacher"
+            )
 
 
 EVAL_BACKENDS = ("hf", "vllm", "lm_eval")

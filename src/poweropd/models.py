@@ -33,7 +33,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 @dataclass
 class ModelPair:
-    teacher: nn.Module
+    teacher: nn.Module | None  # None when the teacher runs elsewhere (model_pair.teacher_backend=vllm|server)
     student: nn.Module
     tokenizer: object  # the student's tokenizer (its chat template builds every prompt)
     stop_ids: list[int]
@@ -61,23 +61,30 @@ def _hub_kwargs(cfg: ModelPairConfig) -> dict:
     return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
 
 
-def check_pair(teacher_path: str, student_path: str, cfg: ModelPairConfig):
+def check_pair(teacher_path: str | None, student_path: str, cfg: ModelPairConfig):
     """Refuse pairs whose teacher cannot score the student's token ids. Returns the
-    student's tokenizer. Reads configs and tokenizers only, no weights."""
+    student's tokenizer. Reads configs and tokenizers only, no weights. `teacher_path`
+    None (a served teacher): the student alone is checked here, the teacher through the
+    server's endpoints (poweropd.teacher_client)."""
     kwargs = _hub_kwargs(cfg)
-    for role, path in (("teacher", teacher_path), ("student", student_path)):
+    roles = (("teacher", teacher_path), ("student", student_path)) if teacher_path else (("student", student_path),)
+    for role, path in roles:
         if looks_local(path) and not local_path_exists(path):
             raise ConfigError(f"no model at {path} (model_pair.{role}); give an existing folder or a hub id")
     try:
         tok_s = AutoTokenizer.from_pretrained(student_path, **kwargs)
-        tok_t = AutoTokenizer.from_pretrained(teacher_path, **kwargs)
         conf_s = AutoConfig.from_pretrained(student_path, **kwargs)
-        conf_t = AutoConfig.from_pretrained(teacher_path, **kwargs)
+        if teacher_path:
+            tok_t = AutoTokenizer.from_pretrained(teacher_path, **kwargs)
+            conf_t = AutoConfig.from_pretrained(teacher_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"could not load the model pair ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
             "check model_pair.teacher / model_pair.student, network access or HF_HOME"
         ) from None
+    if not teacher_path:
+        _check_logits(("student", conf_s))
+        return tok_s
     vs, vt = _vocab_size(conf_s), _vocab_size(conf_t)
     if vs != vt:
         raise ConfigError(
@@ -91,14 +98,23 @@ def check_pair(teacher_path: str, student_path: str, cfg: ModelPairConfig):
             f"model_pair tokenizers differ: {only_s} token->id entries of the student ({student_path}) "
             f"are not in the teacher's ({teacher_path}); pick a pair that shares one tokenizer"
         )
-    for name, conf in (("teacher", conf_t), ("student", conf_s)):
+    _check_logits(("teacher", conf_t), ("student", conf_s))
+    return tok_s
+
+
+def _check_logits(*named_configs) -> None:
+    for name, conf in named_configs:
         for attr in ("final_logit_softcapping", "logit_scale"):
             if getattr(conf, attr, None) not in (None, 1.0):
                 raise ConfigError(
                     f"the {name}'s config sets {attr}; the chunked log-prob kernels assume "
                     "logits = hidden @ lm_head.T, so this architecture is not supported"
                 )
-    return tok_s
+
+
+def vocab_size_of(path: str, cfg: ModelPairConfig) -> int:
+    """Logits of the model at `path` (its config's vocab_size), read without weights."""
+    return _vocab_size(AutoConfig.from_pretrained(path, **_hub_kwargs(cfg)))
 
 
 def _vocab_size(conf) -> int:
@@ -122,18 +138,28 @@ def stop_token_ids(tokenizer, names: list[str]) -> list[int]:
     return ids
 
 
-def load_pair(cfg: ModelPairConfig, device: torch.device) -> ModelPair:
+def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None) -> ModelPair:
+    """The pair's tokenizer and models: the teacher's weights only when it runs in this
+    process (teacher_backend=hf). `before_weights(tokenizer)` runs after the checks and
+    before any weights load (the served teacher's start-up checks)."""
     teacher_path, student_path = resolve_paths(cfg)
-    tokenizer = check_pair(teacher_path, student_path, cfg)
+    served = cfg.teacher_backend == "server"
+    tokenizer = check_pair(None if served else teacher_path, student_path, cfg)
+    if before_weights is not None:
+        before_weights(tokenizer, teacher_path, student_path)
     on_gpu = device.type == "cuda"
     t_dtype = DTYPES.get(cfg.teacher_dtype) or (torch.bfloat16 if on_gpu else torch.float32)
     s_dtype = DTYPES.get(cfg.student_dtype) or torch.float32
     common = dict(attn_implementation=cfg.attn_implementation, **_hub_kwargs(cfg))
-    log.info("loading teacher %s (%s) and student %s (%s)", teacher_path, t_dtype, student_path, s_dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=t_dtype, **common).to(device)
+    teacher = None
+    if cfg.teacher_backend == "hf":
+        log.info("loading teacher %s (%s) and student %s (%s)", teacher_path, t_dtype, student_path, s_dtype)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=t_dtype, **common).to(device)
+        teacher.eval().requires_grad_(False)
+    else:
+        log.info("loading student %s (%s); the teacher runs in %s", student_path, s_dtype, cfg.teacher_backend)
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=s_dtype, **common).to(device)
-    teacher.eval().requires_grad_(False)
-    for model in (teacher, student):
+    for model in (m for m in (teacher, student) if m is not None):
         neutralize_generation_defaults(model)
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
@@ -146,7 +172,7 @@ def load_pair(cfg: ModelPairConfig, device: torch.device) -> ModelPair:
         tokenizer=tokenizer,
         stop_ids=stop_token_ids(tokenizer, list(cfg.stop_tokens)),
         pad_id=pad_id,
-        teacher_path=teacher_path,
+        teacher_path=cfg.teacher_url if served else teacher_path,
         student_path=student_path,
     )
 

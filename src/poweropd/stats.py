@@ -79,10 +79,12 @@ class StepClock:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str) -> float:
+        """Close the lap `name`; returns its seconds."""
         now = self._now()
         self.laps[name] = now - self.last
         self.last = now
+        return self.laps[name]
 
     def metrics(self) -> dict:
         out = {"step_time": self.last - self.start, **{f"time/{k}": v for k, v in self.laps.items()}}

@@ -50,9 +50,11 @@ from poweropd.errors import ConfigError
 from poweropd.files import read_json_object, read_jsonl_lenient, write_json_atomic
 from poweropd.generation import RolloutEngine, Rollouts, SamplingParams, chat_prompts
 from poweropd.grading import Grader
-from poweropd.models import ModelPair, StudentScorer, load_pair, score_teacher
+from poweropd.models import ModelPair, StudentScorer, load_pair
 from poweropd.objectives import MicroBatch, MicroLoss, Objective, TeacherOut, get_objective
 from poweropd.rewards import masked_moments, task_advantage, zscore
+from poweropd.teacher_client import TeacherUnavailable
+from poweropd.teachers import HFTeacher, open_teacher
 from poweropd.stats import StepClock, any_process, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
     FINAL_MODEL,
@@ -88,6 +90,7 @@ class Run:
     tracker: Tracker
     grader: Grader  # the evaluation grader (math-verify + normalisation, time-bounded)
     engine: RolloutEngine  # samples rollouts: HF generate on the student, or a colocated vLLM engine
+    teacher: object  # scores rollouts: the in-process model, a vLLM engine or a server (poweropd.teachers)
     skipped_prompts: int = 0  # training prompts left out for being longer than training.max_prompt_tokens
 
     @property
@@ -132,14 +135,13 @@ def opd_update(
         return _empty_update(run, rollouts, clock), {}
     micro = micro_batches(rollouts.input_ids_BS.shape[0], tc.micro_batch_size)
 
-    # 2. The teacher scores the very same token ids (no grad), giving what the objective needs.
-    teacher = [
-        score_teacher(
-            run.pair.teacher, objective.teacher, *_model_inputs(rollouts, mask_BT, rows), tc.logprob_chunk_size, rc.k
-        )
-        for rows in micro
-    ]
-    clock.lap("teacher")
+    # 2. The teacher scores the very same token ids (no grad), giving what the objective needs:
+    # in this process, in a vLLM engine or on a server (poweropd.teachers).
+    teacher = run.teacher.score(
+        objective.teacher, [_model_inputs(rollouts, mask_BT, rows) for rows in micro], tc.logprob_chunk_size, rc.k
+    )
+    teacher_s = clock.lap("teacher")
+    n_scored = int(mask_BT.sum())
     # A non-finite teacher value (a bf16 teacher giving a sampled token probability 0, a NaN
     # activation) says nothing about the student: those tokens leave this update (N included).
     mask_BT, teacher, n_bad_teacher = drop_nonfinite_teacher_tokens(mask_BT, micro, teacher)
@@ -167,7 +169,7 @@ def opd_update(
             weights_N=weights_BT[rows][m_BT],
             rc=rc,
             chunk=tc.logprob_chunk_size,
-            teacher_head_VD=run.pair.teacher.get_output_embeddings().weight,
+            teacher_head_VD=run.teacher.head_VD,
             moments=moments,
             task_N=None if task_B is None else task_B[rows][:, None].expand_as(m_BT)[m_BT],
             reduce=lambda t: acc.reduce(t, "sum"),
@@ -222,6 +224,8 @@ def opd_update(
         metrics.update(engine_logprob_gap(acc, rollouts.engine_logprobs_BT[mask_BT], flat["lS"]))
     metrics.update(clock.metrics())
     metrics["tokens_per_s"] = metrics["n_generated"] / max(metrics["step_time"], 1e-9)
+    metrics.update(run.teacher.metrics())
+    metrics["teacher/tokens_per_s"] = n_scored / max(teacher_s, 1e-9)  # this process's loss tokens
     return metrics, gathered
 
 
@@ -469,10 +473,11 @@ def reward_dump(run: Run) -> dict:
     scorer, lT, lS = acc.unwrap_model(run.scorer), [], []
     for rows_ in micro_batches(len(rows), tc.micro_batch_size):  # as many rows per pass as training uses
         inputs = _model_inputs(rollouts, mask_BT, rows_)
-        lT.append(score_teacher(run.pair.teacher, "logprobs", *inputs, tc.logprob_chunk_size).lT_N)
+        lT.append(run.teacher.score("logprobs", [inputs], tc.logprob_chunk_size)[0].lT_N)
         with acc.autocast():
             lS.append(scorer(*inputs).float())
-    lT_N, lS_N = torch.cat(lT), torch.cat(lS)
+    lT_N, lS_N = torch.cat(lT).float(), torch.cat(lS)
+    run.teacher.metrics()  # the dump's scoring is not an update's
     where = torch.nonzero(mask_BT)
     arrays = {
         "rollout": where[:, 0],
@@ -594,6 +599,7 @@ def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> d
     finally:
         run.grader.close()
         run.engine.close()
+        run.teacher.close()
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -636,8 +642,15 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
 
     rows = train_rows(tc.train_data, tc.data_dir)
     val = val_rows(tc.val_data, tc.val_size, tc.data_dir)
+    remote = []  # a vllm / server teacher, opened (and checked) before any weights load
+
+    def open_remote(tokenizer, teacher_path, student_path):
+        remote.append(open_teacher(cfg, tokenizer, teacher_path, student_path, cfg.seed + acc.process_index))
+
+    hook = open_remote if cfg.model_pair.teacher_backend != "hf" else None
     with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
-        pair = load_pair(cfg.model_pair, acc.device)
+        pair = load_pair(cfg.model_pair, acc.device, before_weights=hook)
+    teacher = remote[0] if remote else HFTeacher(pair.teacher)
     rows, too_long = bound_prompts(rows, pair.tokenizer, tc.max_prompt_tokens)
     if too_long:
         log.warning(
@@ -661,7 +674,9 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     engine = build_engine(cfg, pair, acc)
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
     sampler = PromptSampler(rows, cfg.seed)
-    return Run(cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader(), engine, len(too_long))
+    return Run(
+        cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader(), engine, teacher, len(too_long)
+    )
 
 
 def _loop(run: Run, wall_start: float) -> dict:
@@ -702,9 +717,16 @@ def _loop(run: Run, wall_start: float) -> dict:
             lr = lr_at(tc, step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            before = StepStart(run) if run.teacher.name == "server" else None
             batch = run.sampler.next_batch(global_prompts)
             rows = batch[acc.process_index * share : (acc.process_index + 1) * share]
-            metrics, tokens = opd_step(run, rows)
+            try:
+                metrics, tokens = opd_step(run, rows)
+            except TeacherUnavailable:
+                bar.close()
+                before.checkpoint(step - 1)
+                tracker.close()
+                raise
             metrics["lr"] = lr
             if run.val and ((tc.val_every and step % tc.val_every == 0) or step == tc.steps):
                 metrics.update(validate(run, step))
@@ -781,6 +803,47 @@ def _loop(run: Run, wall_start: float) -> dict:
     return summary
 
 
+class StepStart:
+    """What an update is about to change besides the weights (the data position and every
+    RNG), taken before it starts. If the update fails before its optimizer step (the teacher
+    server stopped answering), `checkpoint` writes the state after the previous update, so
+    the same command resumes exactly where an uninterrupted run would have been."""
+
+    def __init__(self, run: Run):
+        import random
+
+        self.run = run
+        self.sampler = run.sampler.state_dict()
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def checkpoint(self, step: int) -> None:
+        import random
+
+        run, acc = self.run, self.run.accelerator
+        if step < 1 or acc.num_processes > 1:  # under data parallel the periodic checkpoints serve
+            return
+        if latest_checkpoint(run.run_dir) is not None and latest_checkpoint(run.run_dir).name == f"step_{step:06d}":
+            return
+        run.optimizer.zero_grad(set_to_none=True)
+        run.sampler.load_state_dict(self.sampler)
+        random.setstate(self.rng[0])
+        np.random.set_state(self.rng[1])
+        torch.set_rng_state(self.rng[2])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        save_checkpoint(
+            run.run_dir,
+            step,
+            acc,
+            run.student,
+            run.pair.tokenizer,
+            {"sampler": run.sampler.state_dict()},
+            run.cfg.training.keep_checkpoints,
+        )
+        log.warning("checkpoint step_%06d written (the last finished update) before stopping", step)
+
+
 class GracefulStop:
     """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (a scheduler's preemption or time-limit signal, a
     plain kill, Ctrl-C) end the run after the update in flight: the loop checkpoints that
@@ -833,7 +896,7 @@ class GracefulStop:
         raise SystemExit(128 + signum)
 
 
-# Keys a resumed run may change: how long it runs and where it reports.
+# Keys a resumed run may change: how long it runs, where it reports, where its teacher runs.
 RESUMABLE_CHANGES = (
     "training.steps",
     "training.save_every",
@@ -841,6 +904,11 @@ RESUMABLE_CHANGES = (
     "training.allow_inexact_resume",
     "logger.",
     "output_root",
+    # where the teacher runs, not which teacher (a restarted server may come up on another node)
+    "model_pair.teacher_backend",
+    "model_pair.teacher_url",
+    "model_pair.teacher_server.",
+    "model_pair.teacher_vllm.",
 )
 
 
