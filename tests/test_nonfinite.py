@@ -45,7 +45,11 @@ class Injector:
 
     def __init__(self, monkeypatch, teacher=None, student=None, steps=None):
         self.step, self.teacher, self.student, self.steps = 0, teacher, student, steps
-        original_step, original_score, original_setup = train_mod.opd_step, models_mod.score_teacher, train_mod.setup_run
+        original_step, original_score, original_setup = (
+            train_mod.opd_step,
+            models_mod.score_teacher,
+            train_mod.setup_run,
+        )
 
         def opd_step(run, rows):
             self.step += 1

@@ -181,7 +181,9 @@ class ModelPairConfig:
         "hf",
     )
     teacher_url: str = _help("teacher_backend=server: the server's base URL, http://HOST:PORT", "")
-    teacher_server: TeacherServerConfig = _help("teacher_backend=server: timeouts, retries, batching", factory=TeacherServerConfig)
+    teacher_server: TeacherServerConfig = _help(
+        "teacher_backend=server: timeouts, retries, batching", factory=TeacherServerConfig
+    )
     teacher_vllm: VLLMConfig = _help("teacher_backend=vllm: the teacher engine's memory settings", factory=VLLMConfig)
 
     def __post_init__(self) -> None:
@@ -197,8 +199,8 @@ class ModelPairConfig:
         _one_of("model_pair.teacher_backend", self.teacher_backend, TEACHER_BACKENDS)
         if self.teacher_backend == "server" and not self.teacher_url.startswith(("http://", "https://")):
             raise ConfigError(
-                f"model_pair.teacher_backend=server needs model_pair.teacher_url=http://HOST:PORT (got {self.teacher_url!r}); "
-                "start a server with: python -m poweropd.serve teacher"
+                "model_pair.teacher_backend=server needs model_pair.teacher_url=http://HOST:PORT "
+                f"(got {self.teacher_url!r}); start a server with: python -m poweropd.serve teacher"
             )
 
 

@@ -30,7 +30,6 @@ import http.client
 import json
 import logging
 import math
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -91,7 +90,10 @@ class TeacherClient:
     def _once(self, path: str, body: dict | None, timeout: float):
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST"
+            self.url + path,
+            data=data,
+            headers={"Content-Type": "application/json"},
+            method="GET" if body is None else "POST",
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -103,7 +105,7 @@ class TeacherClient:
             raise TeacherRequestError(
                 f"the teacher server at {self.url} refused {path} (HTTP {exc.code}): {message}"
             ) from None
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise _Retryable(f"{reason.__class__.__name__}: {reason}".rstrip(": ")) from None
         except json.JSONDecodeError as exc:
@@ -229,7 +231,8 @@ class TeacherClient:
             if longest > self.max_model_len:
                 raise ConfigError(
                     f"a rollout of {longest} tokens is longer than the teacher server's max_model_len "
-                    f"{self.max_model_len}; restart it with --max-model-len >= {longest} or lower training.max_new_tokens"
+                    f"{self.max_model_len}; restart it with --max-model-len >= {longest} or lower "
+                    "training.max_new_tokens"
                 )
         size = self.settings.rollouts_per_request
         chunks = [sequences[i : i + size] for i in range(0, len(sequences), size)]

@@ -35,7 +35,9 @@ PROBE_IDS = 256  # vocabulary entries decoded into the tokenizer probe text
 # Rollouts as prompts, answers as TeacherOut
 
 
-def scoring_prompts(input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT) -> tuple[list[list[int]], list[list[int]]]:
+def scoring_prompts(
+    input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT
+) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt of each rollout with a loss token, its scored positions): the prompt is the
     unpadded prompt tokens followed by the completion up to its last loss token; positions
     index that prompt, one per loss token, in the loss mask's order."""
@@ -174,6 +176,7 @@ class ServerTeacher(PromptLogprobTeacher):
         self.client.check_tokenizer(tokenizer, tokenizer_probe(tokenizer), student)
         self.client.check_vocab(vocab_size, student)
         self.client.check_logprobs(k)
+        self.client.stats.take()  # the start-up probes are not an update's requests
         log.info("teacher served by %s (%s, max_model_len %s)", self.client.url, info["id"], info.get("max_model_len"))
         return info
 
@@ -249,17 +252,29 @@ def open_teacher(cfg, tokenizer, teacher_path: str, student_path: str, seed: int
     if mp.teacher_backend == "server":
         teacher = ServerTeacher(mp.teacher_url, mp.teacher_server)
         try:
-            teacher.connect(tokenizer, vocab_size_of(student_path, mp), student_path, max(k, 1), mp.teacher_server.startup_wait_s)
+            teacher.connect(
+                tokenizer, vocab_size_of(student_path, mp), student_path, max(k, 1), mp.teacher_server.startup_wait_s
+            )
         except BaseException:
             teacher.close()
             raise
-        teacher.client.stats.take()  # the start-up probes are not an update's requests
+        from poweropd.serve import served_name
+
+        if teacher.client.model != served_name(mp):
+            log.warning(
+                "the server at %s serves %r, not the pair's teacher %r: make sure it is the teacher you mean",
+                mp.teacher_url,
+                teacher.client.model,
+                served_name(mp),
+            )
         return teacher
     from transformers import AutoConfig
 
     from poweropd.vllm_engine import check_engine_model
 
-    model_config = AutoConfig.from_pretrained(teacher_path, revision=mp.revision, trust_remote_code=mp.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(
+        teacher_path, revision=mp.revision, trust_remote_code=mp.trust_remote_code
+    )
     check_engine_model(model_config, "cuda" if torch.cuda.is_available() else "cpu", "model_pair.teacher_backend")
     dtype = mp.teacher_dtype if mp.teacher_dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     return VLLMTeacher(

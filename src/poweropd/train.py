@@ -53,9 +53,9 @@ from poweropd.grading import Grader
 from poweropd.models import ModelPair, StudentScorer, load_pair
 from poweropd.objectives import MicroBatch, MicroLoss, Objective, TeacherOut, get_objective
 from poweropd.rewards import masked_moments, task_advantage, zscore
+from poweropd.stats import StepClock, any_process, gather_tokens, position_stats, summarize
 from poweropd.teacher_client import TeacherUnavailable
 from poweropd.teachers import HFTeacher, open_teacher
-from poweropd.stats import StepClock, any_process, gather_tokens, position_stats, summarize
 from poweropd.tracking import (
     FINAL_MODEL,
     HYDRA_OWN,
@@ -651,6 +651,8 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
         pair = load_pair(cfg.model_pair, acc.device, before_weights=hook)
     teacher = remote[0] if remote else HFTeacher(pair.teacher)
+    if teacher.name == "server":  # the run's record names what was served, and where
+        pair.teacher_path = f"{teacher.client.model} at {teacher.client.url}"
     rows, too_long = bound_prompts(rows, pair.tokenizer, tc.max_prompt_tokens)
     if too_long:
         log.warning(

@@ -1,11 +1,11 @@
-"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling} [options]"""
+"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling,teacher} [options]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from poweropd.bench import common, kernels, overhead, rollout, step
+from poweropd.bench import common, kernels, overhead, rollout, step, teacher
 
 BENCHMARKS = {
     "kernels": (
@@ -42,6 +42,13 @@ BENCHMARKS = {
         step.scaling_table,
         step.describe,
         "update cost vs length and batch",
+    ),
+    "teacher": (
+        teacher.add_arguments,
+        teacher.run,
+        teacher.table,
+        teacher.describe,
+        "teacher scoring: in the trainer, in-process vLLM, vLLM server",
     ),
 }
 ALIASES = {"logprobs": "kernels"}  # the first benchmark's old name
