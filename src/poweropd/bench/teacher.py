@@ -144,6 +144,8 @@ def start_server(folder: str, port: int, device: str) -> subprocess.Popen:
     cmd += [f"model_pair.student={folder}", "--port", str(port)]
     if device == "cpu":
         cmd += ["--kv-cache-gib", "1"]
+    else:  # the scoring process holds the student on the same GPU
+        cmd += ["--gpu-memory-utilization", "0.5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
