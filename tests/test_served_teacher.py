@@ -162,12 +162,23 @@ def in_process_run(micro_pair, toy_cache, tmp_path_factory):
     return metrics_of(run_dir)
 
 
-def test_training_with_a_served_teacher_matches_the_in_process_run(served, toy_cache, in_process_run, tmp_path):
+def test_training_with_a_served_teacher_matches_the_in_process_run(
+    served, toy_cache, in_process_run, tmp_path, monkeypatch
+):
+    import poweropd.models as models_mod
     from poweropd.train import train
 
+    loaded, load = [], models_mod.AutoModelForCausalLM.from_pretrained
+
+    def spy(path, *args, **kwargs):
+        loaded.append(Path(path).name)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(models_mod.AutoModelForCausalLM, "from_pretrained", spy)
     overrides = MICRO_PAIR + MICRO_TRAINING + [f"model_pair.cache_dir={toy_cache}", "training.steps=6"]
     overrides += ["model_pair.teacher_backend=server", f"model_pair.teacher_url={served.url}"]
     summary = train(make_config(overrides), tmp_path)
+    assert loaded == ["student"]  # the teacher's weights never enter the trainer
     assert summary["status"] == "finished" and summary["teacher"] == f"toy-teacher at {served.url}"
     rows = metrics_of(tmp_path)
     compare_runs(in_process_run, rows)
