@@ -155,3 +155,47 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, args, message)
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.e2e
+def test_teacher_benchmark_scores_with_the_trainers_code_path(tmp_path):
+    result = bench(
+        tmp_path,
+        "teacher",
+        "--shapes",
+        "tiny",
+        "--backends",
+        "hf",
+        "--rollouts",
+        "2",
+        "--prompt-len",
+        "4",
+        "--completion-len",
+        "8",
+        "--repeats",
+        "1",
+        "--k",
+        "4",
+    )
+    (row,) = result["rows"]
+    assert row["backend"] == "hf" and row["k"] == 4 and row["tokens_per_update"] == 2 * 8
+    assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] >= row["rss_before_teacher_gb"] > 0
+    assert "| hf | 4 |" in result["table"]
+
+
+def test_the_servers_memory_is_summed_over_its_process_tree():
+    import os
+
+    from poweropd.bench.teacher import process_tree_peak_gb
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(30)"])
+    try:
+        import time
+
+        time.sleep(1.5)
+        alone = process_tree_peak_gb(child.pid)
+        assert alone > 0.19  # the child's 200 MiB
+        assert process_tree_peak_gb(os.getpid()) >= alone  # this process and its child
+    finally:
+        child.kill()
+        child.wait()

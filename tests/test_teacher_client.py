@@ -6,6 +6,7 @@ a real `vllm serve` are in tests/test_served_teacher.py."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,11 +156,55 @@ def test_k_above_the_servers_maximum_is_refused(fake_server):
         client.check_logprobs(100)
 
 
-def test_a_rollout_longer_than_the_servers_context_is_refused(fake_server):
+@pytest.mark.parametrize("length", [8, 9])
+def test_a_rollout_that_does_not_fit_the_servers_context_is_refused(fake_server, length):
     client = TeacherClient(fake_server(Script()), settings())
-    client.max_model_len = 8
-    with pytest.raises(ConfigError, match="rollout of 9 tokens.*max_model_len 8"):
-        client.prompt_logprobs([[1] * 9], 0)
+    client.max_model_len = 8  # a prompt of 8 leaves no room for the one generated token
+    with pytest.raises(TeacherRequestError, match=f"rollout of {length} tokens.*max_model_len 8.*>= {length + 1}"):
+        client.prompt_logprobs([[1] * length], 0)
+    client.check_context(6)
+    with pytest.raises(ConfigError, match="max_model_len 8 cannot hold.*max_new_tokens=7"):
+        client.check_context(7)
+
+
+def test_requests_go_straight_to_the_server_whatever_http_proxy_says(fake_server, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    client = TeacherClient(fake_server(Script(default={"answer": 3})), settings(max_retries=0))
+    assert client.call("/v1/completions", {}) == {"answer": 3}
+
+
+def test_closing_the_client_ends_retries_that_are_waiting(fake_server):
+    script = Script(default=503)
+    client = TeacherClient(fake_server(script), settings(max_retries=5, backoff_s=5.0))
+    started = time.perf_counter()
+    threading.Timer(0.3, client.close).start()
+    with pytest.raises(TeacherUnavailable):
+        client.call("/v1/completions", {})
+    assert time.perf_counter() - started < 3  # not the 5 + 10 + ... s of backoff
+    assert len(script.seen) == 1
+
+
+def test_an_unreadable_answer_is_a_teacher_failure_that_keeps_the_last_update(fake_server):
+    from poweropd.teacher_client import TeacherFailure
+    from poweropd.teachers import ServerTeacher
+
+    missing = {"choices": [{"index": 0, "prompt_logprobs": [None, {"77": {"logprob": -1.0, "rank": 1}}]}]}
+    teacher = ServerTeacher(fake_server(Script(default=missing)), settings())
+    inputs = (torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long), 1, torch.tensor([[True]]))
+    with pytest.raises(TeacherFailure, match="could not score this update"):
+        teacher.score("logprobs", [inputs], chunk=4)  # the answer lacks the sampled token (5)
+
+
+def test_the_tokenizer_probe_reaches_the_end_of_the_vocabulary_and_every_added_token(micro_pair):
+    from poweropd.teachers import tokenizer_probe
+
+    _, pair = micro_pair
+    tok = pair.tokenizer
+    probe = tokenizer_probe(tok)
+    assert all(name in probe for name in tok.get_added_vocab())
+    last = tok.decode([len(tok) - 1], skip_special_tokens=False)
+    assert last in probe
 
 
 def test_rollouts_become_unpadded_prompts_scored_at_their_loss_tokens():
@@ -189,6 +234,8 @@ def test_rollouts_become_unpadded_prompts_scored_at_their_loss_tokens():
     ]
     lT_N, (vals_NK, idx_NK) = parse_answers(prompts, positions, answers, 2, "cpu")
     assert lT_N.tolist() == pytest.approx([-0.5, -2.0, -1.5, -0.3])
+    answers[0][4]["3"]["logprob"] = -9999.0  # how a vLLM server writes -inf
+    assert parse_answers(prompts, positions, answers, 2, "cpu")[0][1].item() == -math.inf
     assert idx_NK.tolist() == [[9, 1], [4, 6], [5, 2], [6, 1]]
     assert vals_NK[1].tolist() == pytest.approx([-0.2, -0.9])
 
@@ -239,5 +286,7 @@ def test_the_launcher_pins_the_flags_the_trainer_relies_on():
     ):
         assert flag in text
     assert "Qwen/Qwen3-8B" in gpu and gpu[-2:] == ["--max-num-seqs", "32"]
+    assert gpu[gpu.index("--hf-overrides") + 1] == '{"head_dtype": "float32"}'  # fp32 logits from a bf16 model
     cpu = " ".join(serve_command(mp, args, on_gpu=False))
     assert "--dtype float32" in cpu and "--enforce-eager" in cpu and "--gpu-memory-utilization" not in cpu
+    assert "--hf-overrides" not in cpu

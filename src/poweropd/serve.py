@@ -4,13 +4,16 @@
                                      [--max-logprobs K] [--tensor-parallel-size N]
                                      [--print-command] [-- any other vllm serve flags]
 
-It prints the `vllm serve` command, starts it, waits until /health answers, and prints the
+It prints the `vllm serve` command, starts it, waits until /v1/models answers, and prints the
 URL and the overrides that point a training run at it; Ctrl-C or SIGTERM stops the server.
 `--print-command` only prints the command (for a job script that runs it itself).
+The launcher's own requests ignore http_proxy, as the trainer's do (poweropd.teacher_client).
 
 The flags that matter for correctness (poweropd.teacher_client): `--logprobs-mode
 raw_logprobs` (log-probs at temperature 1 of the raw logits, the quantity the in-process
-teacher computes), `--max-logprobs` at least reward.k for topk_kl, `--generation-config vllm`
+teacher computes), `--hf-overrides {"head_dtype": "float32"}` in bf16 / fp16 (the lm-head's
+logits in fp32, as the in-process kernels form them), `--max-logprobs` at least reward.k for
+topk_kl, `--generation-config vllm`
 (the checkpoint's sampling defaults play no part), the pair's teacher dtype. The served
 model's name is the pair's teacher id, which the trainer records.
 """
@@ -60,6 +63,8 @@ def serve_command(mp, args, on_gpu: bool) -> list[str]:
     cmd += ["--served-model-name", served_name(mp), "--host", args.host, "--port", str(args.port)]
     cmd += ["--dtype", dtype, "--max-logprobs", str(args.max_logprobs), "--logprobs-mode", "raw_logprobs"]
     cmd += ["--generation-config", "vllm", "--disable-log-stats"]
+    if dtype != "float32":  # the lm-head's logits in fp32, as the in-process kernels form them
+        cmd += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
     if mp.revision:
         cmd += ["--revision", mp.revision]
     if mp.trust_remote_code:
@@ -84,11 +89,12 @@ def public_url(host: str, port: int) -> str:
 
 def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ConfigError(f"vllm serve exited with status {proc.returncode} before answering; see its log above")
         try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2) as response:
+            with opener.open(url + "/v1/models", timeout=2) as response:
                 json.loads(response.read())
                 return
         except OSError:

@@ -30,6 +30,7 @@ import http.client
 import json
 import logging
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,11 +46,16 @@ RETRIED_STATUS = (408, 429, 500, 502, 503, 504)
 SERVE_HINT = "python -m poweropd.serve teacher model_pair=<pair>"
 
 
-class TeacherUnavailable(ConfigError):
+class TeacherFailure(ConfigError):
+    """The teacher could not score an update (reported in one line; the trainer checkpoints
+    the last finished update first)."""
+
+
+class TeacherUnavailable(TeacherFailure):
     """The teacher server stopped answering: retries ran out."""
 
 
-class TeacherRequestError(ConfigError):
+class TeacherRequestError(TeacherFailure):
     """The teacher server refused a request (4xx): retrying would not help."""
 
 
@@ -60,13 +66,24 @@ class ClientStats:
     requests: int = 0
     retries: int = 0
     latencies: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # requests finish on the pool's threads
+
+    def answered(self, seconds: float) -> None:
+        with self.lock:
+            self.requests += 1
+            self.latencies.append(seconds)
+
+    def retried(self) -> None:
+        with self.lock:
+            self.retries += 1
 
     def take(self) -> dict:
-        out = {"teacher/requests": self.requests, "teacher/retries": self.retries}
-        if self.latencies:
-            out["teacher/request_latency_mean_s"] = sum(self.latencies) / len(self.latencies)
-            out["teacher/request_latency_max_s"] = max(self.latencies)
-        self.requests, self.retries, self.latencies = 0, 0, []
+        with self.lock:
+            out = {"teacher/requests": self.requests, "teacher/retries": self.retries}
+            if self.latencies:
+                out["teacher/request_latency_mean_s"] = sum(self.latencies) / len(self.latencies)
+                out["teacher/request_latency_max_s"] = max(self.latencies)
+            self.requests, self.retries, self.latencies = 0, 0, []
         return out
 
 
@@ -84,6 +101,10 @@ class TeacherClient:
         self.model: str | None = None
         self.max_model_len: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="teacher")
+        self._closing = threading.Event()  # set by close(): requests still retrying give up
+        # Straight to the server, whatever http_proxy says: a cluster's proxy cannot reach a
+        # teacher on a compute node (and 127.0.0.1 is never behind one).
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -96,7 +117,7 @@ class TeacherClient:
             method="GET" if body is None else "POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with self._opener.open(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             message = _server_message(exc)
@@ -117,18 +138,18 @@ class TeacherClient:
         started, last = time.perf_counter(), ""
         for attempt in range(retries + 1):
             if attempt:
-                self.stats.retries += 1
+                self.stats.retried()
                 wait = min(self.settings.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
                 log.warning("teacher server %s: %s; retry %d of %d in %.1f s", self.url, last, attempt, retries, wait)
-                time.sleep(wait)
+                if self._closing.wait(wait):
+                    break
             t0 = time.perf_counter()
             try:
                 out = self._once(path, body, self.settings.timeout_s)
             except _Retryable as exc:
                 last = str(exc)
                 continue
-            self.stats.requests += 1
-            self.stats.latencies.append(time.perf_counter() - t0)
+            self.stats.answered(time.perf_counter() - t0)
             return out
         raise TeacherUnavailable(
             f"the teacher server at {self.url} did not answer {retries + 1} attempts in "
@@ -161,6 +182,15 @@ class TeacherClient:
         self.max_model_len = models[0].get("max_model_len")
         return models[0]
 
+    def check_context(self, max_new_tokens: int) -> None:
+        """Refuse a server whose context cannot hold even a completion of max_new_tokens."""
+        if self.max_model_len and max_new_tokens + 2 > self.max_model_len:
+            raise ConfigError(
+                f"the teacher server's max_model_len {self.max_model_len} cannot hold a rollout of "
+                f"training.max_new_tokens={max_new_tokens} completion tokens plus its prompt; restart it with a "
+                "larger --max-model-len"
+            )
+
     def check_tokenizer(self, tokenizer, probe: str, student: str) -> None:
         """The server's tokenizer must give the student's ids on `probe`."""
         body = {"model": self.model, "prompt": probe, "add_special_tokens": False}
@@ -182,7 +212,9 @@ class TeacherClient:
             try:
                 self.call("/v1/completions", body, retries=1)
                 return True
-            except TeacherRequestError:
+            except TeacherRequestError as exc:
+                if "out-of-vocab" not in str(exc):  # vLLM's words for an id beyond the logits
+                    raise
                 return False
 
         if not allowed(vocab_size - 1):
@@ -228,11 +260,11 @@ class TeacherClient:
         token j, None for j = 0), requests in flight `concurrency` at a time."""
         if self.max_model_len:
             longest = max((len(s) for s in sequences), default=0)
-            if longest > self.max_model_len:
-                raise ConfigError(
-                    f"a rollout of {longest} tokens is longer than the teacher server's max_model_len "
-                    f"{self.max_model_len}; restart it with --max-model-len >= {longest} or lower "
-                    "training.max_new_tokens"
+            if longest >= self.max_model_len:  # the one generated token must fit as well
+                raise TeacherRequestError(
+                    f"a rollout of {longest} tokens does not fit the teacher server's max_model_len "
+                    f"{self.max_model_len} (it needs one more); restart it with --max-model-len >= {longest + 1} "
+                    "or lower training.max_new_tokens"
                 )
         size = self.settings.rollouts_per_request
         chunks = [sequences[i : i + size] for i in range(0, len(sequences), size)]
@@ -258,6 +290,7 @@ class TeacherClient:
         return out
 
     def close(self) -> None:
+        self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -20,15 +20,19 @@ back in the order of the loss mask (row-major), the order of every other per-tok
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 
 from poweropd.objectives import TeacherOut
+from poweropd.teacher_client import TeacherFailure
 
 log = logging.getLogger(__name__)
 
-PROBE_IDS = 256  # vocabulary entries decoded into the tokenizer probe text
+PROBE_IDS = 256  # vocabulary entries spread over the vocabulary, decoded into the tokenizer probe text
+PROBE_LAST = 64  # and the last ids, where related tokenizers differ (Qwen2.5 vs Qwen3: <think>, tool tokens)
+SERVER_NEG_INF = -9999.0  # a vLLM server writes a log-prob of -inf as this (clamp_prompt_logprobs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -62,7 +66,8 @@ def _entry_items(entry) -> list[tuple[int, float, int]]:
             logprob, rank = value.get("logprob"), value.get("rank")
         else:
             logprob, rank = value.logprob, value.rank
-        out.append((int(key), -float("inf") if logprob is None else float(logprob), int(rank or 0)))
+        logprob = -math.inf if logprob is None or logprob <= SERVER_NEG_INF else float(logprob)
+        out.append((int(key), logprob, int(rank or 0)))
     return out
 
 
@@ -138,12 +143,20 @@ class PromptLogprobTeacher:
         started = time.perf_counter()
         per_micro = [scoring_prompts(*inputs) for inputs in micro_inputs]
         prompts = [p for ps, _ in per_micro for p in ps]
-        answers = self._answers(prompts, k) if prompts else []
-        outs, at = [], 0
-        for (ps, pos), inputs in zip(per_micro, micro_inputs):
-            lT_N, topk = parse_answers(ps, pos, answers[at : at + len(ps)], k, inputs[0].device)
-            at += len(ps)
-            outs.append(TeacherOut(lT_N=lT_N, topk=topk))
+        try:
+            answers = self._answers(prompts, k) if prompts else []
+            outs, at = [], 0
+            for (ps, pos), inputs in zip(per_micro, micro_inputs):
+                lT_N, topk = parse_answers(ps, pos, answers[at : at + len(ps)], k, inputs[0].device)
+                at += len(ps)
+                outs.append(TeacherOut(lT_N=lT_N, topk=topk))
+        except TeacherFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to score leaves the weights as they were
+            first = (str(exc).splitlines() or [exc.__class__.__name__])[0][:300]
+            raise TeacherFailure(
+                f"the {self.name} teacher could not score this update ({exc.__class__.__name__}: {first})"
+            ) from exc
         self.seconds += time.perf_counter() - started
         self.tokens += sum(len(p) for p in prompts)
         return outs
@@ -170,9 +183,12 @@ class ServerTeacher(PromptLogprobTeacher):
         super().__init__()
         self.client = TeacherClient(url, settings)
 
-    def connect(self, tokenizer, vocab_size: int, student: str, k: int, wait_s: float = 0.0) -> dict:
+    def connect(
+        self, tokenizer, vocab_size: int, student: str, k: int, wait_s: float = 0.0, max_new_tokens: int = 1
+    ) -> dict:
         """The start-up checks (poweropd.teacher_client), before any weights load."""
         info = self.client.connect(wait_s)
+        self.client.check_context(max_new_tokens)
         self.client.check_tokenizer(tokenizer, tokenizer_probe(tokenizer), student)
         self.client.check_vocab(vocab_size, student)
         self.client.check_logprobs(k)
@@ -213,6 +229,8 @@ class VLLMTeacher(PromptLogprobTeacher):
             logprobs_mode="raw_logprobs",  # log_softmax of the raw logits (prompt tokens skip the sampler anyway)
             **memory_options(options, on_cuda),
         )
+        if dtype != "float32":  # the lm-head's logits in fp32, as the in-process kernels form them
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:  # the CPU worker resets the process's thread count; the trainer keeps its own
             self.llm = vllm.LLM(**kwargs)
@@ -237,8 +255,10 @@ def tokenizer_probe(tokenizer) -> str:
     decoded text of PROBE_IDS vocabulary entries spread over the whole vocabulary."""
     size = len(tokenizer)
     step = max(size // PROBE_IDS, 1)
-    spread = tokenizer.decode(list(range(0, size, step))[:PROBE_IDS], skip_special_tokens=True)
-    return "<|im_start|>user\nWhat is 12 + 345?  Ünïcödé ∑ 数学\t\n<|im_end|>\n<|im_start|>assistant\n" + spread
+    ids = list(range(0, size, step))[:PROBE_IDS] + list(range(max(size - PROBE_LAST, 0), size))
+    spread = tokenizer.decode(ids, skip_special_tokens=False)
+    added = "".join(tokenizer.get_added_vocab())  # every special and added token, as text
+    return "<|im_start|>user\nWhat is 12 + 345?  Ünïcödé ∑ 数学\t\n<|im_end|>\n<|im_start|>assistant\n" + spread + added
 
 
 def open_teacher(cfg, tokenizer, teacher_path: str, student_path: str, seed: int = 0):
@@ -252,9 +272,9 @@ def open_teacher(cfg, tokenizer, teacher_path: str, student_path: str, seed: int
     if mp.teacher_backend == "server":
         teacher = ServerTeacher(mp.teacher_url, mp.teacher_server)
         try:
-            teacher.connect(
-                tokenizer, vocab_size_of(student_path, mp), student_path, max(k, 1), mp.teacher_server.startup_wait_s
-            )
+            vocab = vocab_size_of(student_path, mp)
+            wait_s, max_new = mp.teacher_server.startup_wait_s, cfg.training.max_new_tokens
+            teacher.connect(tokenizer, vocab, student_path, max(k, 1), wait_s, max_new)
         except BaseException:
             teacher.close()
             raise

@@ -54,7 +54,7 @@ from poweropd.models import ModelPair, StudentScorer, load_pair
 from poweropd.objectives import MicroBatch, MicroLoss, Objective, TeacherOut, get_objective
 from poweropd.rewards import masked_moments, task_advantage, zscore
 from poweropd.stats import StepClock, any_process, gather_tokens, position_stats, summarize
-from poweropd.teacher_client import TeacherUnavailable
+from poweropd.teacher_client import TeacherFailure
 from poweropd.teachers import HFTeacher, open_teacher
 from poweropd.tracking import (
     FINAL_MODEL,
@@ -719,12 +719,12 @@ def _loop(run: Run, wall_start: float) -> dict:
             lr = lr_at(tc, step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            before = StepStart(run) if run.teacher.name == "server" else None
+            before = StepStart(run) if run.teacher.name != "hf" else None
             batch = run.sampler.next_batch(global_prompts)
             rows = batch[acc.process_index * share : (acc.process_index + 1) * share]
             try:
                 metrics, tokens = opd_step(run, rows)
-            except TeacherUnavailable:
+            except TeacherFailure:  # scored before any weight moved: the last update is intact
                 bar.close()
                 before.checkpoint(step - 1)
                 tracker.close()
@@ -807,9 +807,11 @@ def _loop(run: Run, wall_start: float) -> dict:
 
 class StepStart:
     """What an update is about to change besides the weights (the data position and every
-    RNG), taken before it starts. If the update fails before its optimizer step (the teacher
-    server stopped answering), `checkpoint` writes the state after the previous update, so
-    the same command resumes exactly where an uninterrupted run would have been."""
+    RNG), taken before it starts. If the teacher fails to score the update (a server that
+    stopped answering or refused a request), no weight has moved yet: `checkpoint` writes the
+    state after the previous update, so the same command resumes exactly where an
+    uninterrupted run would have been. One process only: under data parallel the periodic
+    checkpoints serve (another process may be waiting in a collective)."""
 
     def __init__(self, run: Run):
         import random
@@ -826,6 +828,8 @@ class StepStart:
         if step < 1 or acc.num_processes > 1:  # under data parallel the periodic checkpoints serve
             return
         if latest_checkpoint(run.run_dir) is not None and latest_checkpoint(run.run_dir).name == f"step_{step:06d}":
+            return
+        if not weights_finite(run.student):  # never checkpoint them (as the periodic checkpoints)
             return
         run.optimizer.zero_grad(set_to_none=True)
         run.sampler.load_state_dict(self.sampler)

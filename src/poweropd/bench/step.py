@@ -98,7 +98,10 @@ def bench_run(pair, reward: str, batch: int, response: int, chunk: int, micro: i
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-6)
     scorer, optimizer = acc.prepare(scorer, optimizer)
     engine = make_engine("hf", stop_ids=pair.stop_ids, pad_id=pair.pad_id, model=pair.student, autocast=acc.autocast)
-    return Run(cfg, Path(tempfile.mkdtemp()), acc, pair, scorer, optimizer, None, [], None, None, engine)
+    from poweropd.teachers import HFTeacher
+
+    teacher = HFTeacher(pair.teacher)
+    return Run(cfg, Path(tempfile.mkdtemp()), acc, pair, scorer, optimizer, None, [], None, None, engine, teacher)
 
 
 def fixed_rollouts(batch: int, prompt: int, response: int, vocab: int, device: str, seed: int = 0):
