@@ -305,7 +305,7 @@ def test_paper_preset_trains_on_deepscaler_and_validates_on_math500(tmp_path, mi
     assert len(dumped) == 3 and all(i.startswith("math500-") for i in dumped)
 
 
-TIMING_KEYS = ("step_time", "tokens_per_s", "time/", "mem/", "engine/sync_s")
+TIMING_KEYS = ("step_time", "tokens_per_s", "time/", "mem/", "engine/sync_s", "teacher/seconds", "teacher/tokens_per_s")
 
 
 def test_same_seed_on_the_shipped_pair_gives_bit_identical_metrics(tmp_path):
