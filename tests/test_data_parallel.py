@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 
@@ -15,7 +15,15 @@ from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
 
 pytestmark = pytest.mark.e2e  # whole runs and multi-process launches (python -m pytest --fast leaves them out)
 
-TORCHRUN = shutil.which("torchrun") or ""
+# torch's launcher through this interpreter: it never depends on `torchrun` being on PATH
+# (a venv that is not activated), so these tests never skip.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -25,14 +33,15 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.skipif(not TORCHRUN, reason="torchrun is installed with torch; missing here")
 def test_two_cpu_processes_share_one_run_directory(tmp_path, toy_cache):
     run_dir = tmp_path / "runs" / "dp"
     _run(
         [
-            TORCHRUN,
+            *TORCHRUN,
             "--nproc_per_node",
             "2",
+            "--master_port",
+            free_port(),
             "run.py",
             *MICRO_PAIR,
             *MICRO_TRAINING,
@@ -49,13 +58,23 @@ def test_two_cpu_processes_share_one_run_directory(tmp_path, toy_cache):
     assert not list(run_dir.glob("metrics*.jsonl.*"))
 
 
-@pytest.mark.skipif(not TORCHRUN, reason="torchrun is installed with torch; missing here")
 @pytest.mark.parametrize("reward", ["vanilla", "zscore", "full_vocab"])
 def test_two_processes_make_the_update_of_one(tmp_path, toy_cache, reward):
     overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", f"reward={reward}"]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([sys.executable, "tests/dp_update_check.py", str(one), *overrides])
-    _run([TORCHRUN, "--nproc_per_node", "2", "tests/dp_update_check.py", str(two), *overrides])
+    _run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "tests/dp_update_check.py",
+            str(two),
+            *overrides,
+        ]
+    )
     a, b = torch.load(one), torch.load(two)
     assert (a["processes"], b["processes"]) == (1, 2)
     assert a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"] > 0  # the same global batch
@@ -63,3 +82,78 @@ def test_two_processes_make_the_update_of_one(tmp_path, toy_cache, reward):
     assert worst < 1e-5, worst
     # The update did something (a test of equality between two no-ops would pass vacuously).
     assert a["metrics"]["grad_norm"] > 0 and b["metrics"]["grad_norm"] == pytest.approx(a["metrics"]["grad_norm"], 1e-4)
+
+
+def test_two_nodes_on_localhost_make_the_update_of_two_processes(tmp_path, toy_cache):
+    """Multi-node as torchrun runs it: two invocations (one per "node", one process each)
+    with a static rendezvous on 127.0.0.1 make the update of one 2-process node."""
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=power"]
+    single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
+    _run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "tests/dp_update_check.py",
+            str(single),
+            *overrides,
+        ]
+    )
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "tests/dp_update_check.py",
+                str(multi),
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
+    a, b = torch.load(single), torch.load(multi)
+    assert (a["processes"], b["processes"]) == (2, 2) and a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"] > 0
+    worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+    assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_that_accelerate_would_ignore_on_a_cpu_is_refused(tmp_path, toy_cache, variable):
+    env = {**os.environ, variable: "true", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "run.py",
+        *MICRO_PAIR,
+        *MICRO_TRAINING,
+        f"model_pair.cache_dir={toy_cache}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{variable} is set" in errors[0] and "plain data parallel" in errors[0]
+    assert not (tmp_path / "run").exists()  # a refused launch leaves no run directory

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -602,8 +603,28 @@ def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> d
         run.teacher.close()
 
 
+# What `accelerate launch` sets for a sharded run (--use_fsdp / --use_deepspeed, or a config file).
+SHARDING_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def refuse_ignored_sharding() -> None:
+    """accelerate runs FSDP and DeepSpeed only on GPUs. On a CPU (Accelerator(cpu=True)) an
+    FSDP request silently becomes plain data parallel (and DeepSpeed fails deep inside), so a
+    run would report DDP numbers under an FSDP name: refused in one line instead."""
+    if torch.cuda.is_available():
+        return
+    for variable, name in SHARDING_REQUESTS.items():
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"{variable} is set (accelerate launch with {name}), but accelerate shards only on GPUs: on this CPU "
+                f"the run would silently be plain data parallel; launch without {name} (torchrun or accelerate "
+                "launch --multi_cpu give data parallel)"
+            )
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     tc = cfg.training
+    refuse_ignored_sharding()
     acc = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
     per_process = tc.batch_size // acc.num_processes
     if tc.batch_size % acc.num_processes or per_process % tc.rollouts_per_prompt:
