@@ -105,6 +105,16 @@ def test_a_request_that_hangs_past_the_timeout_is_retried(fake_server):
     assert client.stats.retries == 1
 
 
+def test_a_hung_server_stops_the_run_after_one_timeout(fake_server):
+    script = Script(default=2.0)  # every request, /health included, hangs for 2 s
+    client = TeacherClient(fake_server(script), settings(timeout_s=0.3, max_retries=5, backoff_s=1.0))
+    started = time.perf_counter()
+    with pytest.raises(TeacherUnavailable, match="/health does not answer"):
+        client.call("/v1/completions", {})
+    assert time.perf_counter() - started < 1.5  # one timeout and one health probe, no backoff
+    assert [path for path, _ in script.seen] == ["/v1/completions", "/health"]
+
+
 def test_a_bad_request_is_not_retried(fake_server):
     script = Script(default=400)
     client = TeacherClient(fake_server(script), settings())

@@ -13,7 +13,9 @@ tokens never pass through the sampler's processors (temperature, top-k/top-p, pe
 Requests go out `concurrency` at a time, `rollouts_per_request` rollouts each. A refused
 connection, a timeout, 408/429 or a 5xx is retried after backoff_s, 2 backoff_s, ... (capped
 at 30 s), at most max_retries times; then `TeacherUnavailable` stops the run (the trainer
-checkpoints the last finished update first, so the same command resumes). Any other 4xx is
+checkpoints the last finished update first, so the same command resumes). A request that
+times out is retried only while the server's /health still answers: a busy server gets its
+retries, a hung one stops the run after one timeout. Any other 4xx is
 the request's own fault and is reported at once, in one line, with the server's message.
 
 Start-up checks, all through the server's own endpoints and before any weights load:
@@ -42,6 +44,7 @@ from poweropd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+HEALTH_TIMEOUT_S = 5.0  # after a request times out: does the server still answer /health?
 RETRIED_STATUS = (408, 429, 500, 502, 503, 504)
 SERVE_HINT = "python -m poweropd.serve teacher model_pair=<pair>"
 
@@ -90,6 +93,10 @@ class ClientStats:
 class _Retryable(Exception):
     """A failure worth another attempt (carries a one-line description)."""
 
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
 
 class TeacherClient:
     """A vLLM server's completions, tokenize and models endpoints, with bounded retries."""
@@ -128,7 +135,8 @@ class TeacherClient:
             ) from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise _Retryable(f"{reason.__class__.__name__}: {reason}".rstrip(": ")) from None
+            timed_out = isinstance(reason, TimeoutError)
+            raise _Retryable(f"{reason.__class__.__name__}: {reason}".rstrip(": "), timed_out) from None
         except json.JSONDecodeError as exc:
             raise _Retryable(f"an unreadable answer ({exc})") from None
 
@@ -148,6 +156,12 @@ class TeacherClient:
                 out = self._once(path, body, self.settings.timeout_s)
             except _Retryable as exc:
                 last = str(exc)
+                if exc.timed_out and not self.alive():  # hung, not busy: retrying would only wait again
+                    raise TeacherUnavailable(
+                        f"the teacher server at {self.url} did not answer within timeout_s={self.settings.timeout_s:g} "
+                        f"and its /health does not answer either; restart it ({SERVE_HINT}) and run the same command "
+                        "again: the run resumes from its last finished update"
+                    ) from None
                 continue
             self.stats.answered(time.perf_counter() - t0)
             return out
@@ -156,6 +170,14 @@ class TeacherClient:
             f"{time.perf_counter() - started:.0f} s (last: {last}); restart it ({SERVE_HINT}) and run the same "
             "command again: the run resumes from its last finished update"
         )
+
+    def alive(self) -> bool:
+        """Whether /health answers within a few seconds (a busy server does, a hung one not)."""
+        try:
+            with self._opener.open(self.url + "/health", timeout=min(self.settings.timeout_s, HEALTH_TIMEOUT_S)):
+                return True
+        except (OSError, http.client.HTTPException):
+            return False
 
     # -- start-up checks ----------------------------------------------------------------
 
