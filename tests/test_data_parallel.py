@@ -26,6 +26,26 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def two_processes(out, overrides: list[str]) -> None:
+    """tests/dp_update_check.py under two processes on one node."""
+    _run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "tests/dp_update_check.py",
+            str(out),
+            *overrides,
+        ]
+    )
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    return max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+
+
 def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -63,22 +83,11 @@ def test_two_processes_make_the_update_of_one(tmp_path, toy_cache, reward):
     overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", f"reward={reward}"]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([sys.executable, "tests/dp_update_check.py", str(one), *overrides])
-    _run(
-        [
-            *TORCHRUN,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            free_port(),
-            "tests/dp_update_check.py",
-            str(two),
-            *overrides,
-        ]
-    )
+    two_processes(two, overrides)
     a, b = torch.load(one), torch.load(two)
     assert (a["processes"], b["processes"]) == (1, 2)
     assert a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"] > 0  # the same global batch
-    worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+    worst = largest_difference(a, b)
     assert worst < 1e-5, worst
     # The update did something (a test of equality between two no-ops would pass vacuously).
     assert a["metrics"]["grad_norm"] > 0 and b["metrics"]["grad_norm"] == pytest.approx(a["metrics"]["grad_norm"], 1e-4)
@@ -89,18 +98,7 @@ def test_two_nodes_on_localhost_make_the_update_of_two_processes(tmp_path, toy_c
     with a static rendezvous on 127.0.0.1 make the update of one 2-process node."""
     overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=power"]
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
-    _run(
-        [
-            *TORCHRUN,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            free_port(),
-            "tests/dp_update_check.py",
-            str(single),
-            *overrides,
-        ]
-    )
+    two_processes(single, overrides)
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     nodes = [
         subprocess.Popen(
@@ -137,7 +135,7 @@ def test_two_nodes_on_localhost_make_the_update_of_two_processes(tmp_path, toy_c
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
     a, b = torch.load(single), torch.load(multi)
     assert (a["processes"], b["processes"]) == (2, 2) and a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"] > 0
-    worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+    worst = largest_difference(a, b)
     assert worst < 1e-6, worst
 
 

@@ -220,30 +220,20 @@ def custom_student(micro_pair, tmp_path: Path, *, vocab: int | None = None, swap
     return path
 
 
-def test_a_tokenizer_that_differs_from_the_servers_is_refused(micro_pair, served, toy_cache, tmp_path):
-    student = custom_student(micro_pair, tmp_path, swap=True)
-    message = served_refusal(
-        served,
-        toy_cache,
-        tmp_path,
-        "model_pair.kind=hf",
-        "model_pair.teacher=toy-teacher",
-        f"model_pair.student={student}",
-    )
-    assert "tokenizes differently from the student" in message
-
-
-def test_a_vocabulary_that_differs_from_the_servers_is_refused(micro_pair, served, toy_cache, tmp_path):
-    student = custom_student(micro_pair, tmp_path, vocab=micro_pair[1].teacher.config.vocab_size + 28)
-    message = served_refusal(
-        served,
-        toy_cache,
-        tmp_path,
-        "model_pair.kind=hf",
-        "model_pair.teacher=toy-teacher",
-        f"model_pair.student={student}",
-    )
-    assert "has fewer logits than the student" in message
+@pytest.mark.parametrize(
+    "change,expected",
+    [("swap", "tokenizes differently from the student"), ("vocab", "has fewer logits than the student")],
+)
+def test_a_tokenizer_or_vocabulary_that_differs_from_the_servers_is_refused(
+    micro_pair, served, toy_cache, tmp_path, change, expected
+):
+    if change == "swap":
+        student = custom_student(micro_pair, tmp_path, swap=True)
+    else:
+        student = custom_student(micro_pair, tmp_path, vocab=micro_pair[1].teacher.config.vocab_size + 28)
+    pair = ["model_pair.kind=hf", "model_pair.teacher=toy-teacher", f"model_pair.student={student}"]
+    message = served_refusal(served, toy_cache, tmp_path, *pair)
+    assert expected in message
 
 
 def test_k_above_the_servers_max_logprobs_is_refused(served, toy_cache, tmp_path):

@@ -778,15 +778,7 @@ def _loop(run: Run, wall_start: float) -> dict:
                     status = "nonfinite"
                     log.error("the student's weights are not finite at step %d; not checkpointing them", step)
                     break
-                save_checkpoint(
-                    run.run_dir,
-                    step,
-                    acc,
-                    run.student,
-                    run.pair.tokenizer,
-                    {"sampler": run.sampler.state_dict()},
-                    tc.keep_checkpoints,
-                )
+                checkpoint_run(run, step)
             if stopping:  # preempted: the update in flight finished and is checkpointed; hand over
                 bar.close()
                 log.warning(
@@ -826,6 +818,19 @@ def _loop(run: Run, wall_start: float) -> dict:
     return summary
 
 
+def checkpoint_run(run: Run, step: int) -> None:
+    """Checkpoint the run after update `step`: the student, optimizer, RNG and data position."""
+    save_checkpoint(
+        run.run_dir,
+        step,
+        run.accelerator,
+        run.student,
+        run.pair.tokenizer,
+        {"sampler": run.sampler.state_dict()},
+        run.cfg.training.keep_checkpoints,
+    )
+
+
 class StepStart:
     """What an update is about to change besides the weights (the data position and every
     RNG), taken before it starts. If the teacher fails to score the update (a server that
@@ -859,15 +864,7 @@ class StepStart:
         torch.set_rng_state(self.rng[2])
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-        save_checkpoint(
-            run.run_dir,
-            step,
-            acc,
-            run.student,
-            run.pair.tokenizer,
-            {"sampler": run.sampler.state_dict()},
-            run.cfg.training.keep_checkpoints,
-        )
+        checkpoint_run(run, step)
         log.warning("checkpoint step_%06d written (the last finished update) before stopping", step)
 
 
