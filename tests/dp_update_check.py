@@ -6,7 +6,8 @@ tests/test_data_parallel.py, not a test itself):
 
 Every process samples the same global batch (same seed), keeps its own slice, and runs the
 trainer's own opd_update; the main process writes the updated student's parameters to OUT.pt.
-Data parallelism is right when both commands write the same parameters.
+Data parallelism (and FSDP2: training.parallel=fsdp2) is right when both commands write the
+same parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from poweropd.config import register_configs, to_config
+from poweropd.sharding import full_state_dict
 from poweropd.train import make_accelerator, opd_update, sample_rollouts, setup_run, training_sampling
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -39,8 +41,11 @@ def main(out: str, overrides: list[str]) -> None:
         mine = rollouts.select(slice(acc.process_index * share, (acc.process_index + 1) * share))
         metrics, _ = opd_update(run, mine)
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if run.sharded:  # gathered from every process's shards (a collective)
+            params = full_state_dict(run.student)
+        else:
             params = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
+        if acc.is_main_process:
             torch.save({"params": params, "metrics": metrics, "processes": acc.num_processes}, out)
         run.grader.close()
 

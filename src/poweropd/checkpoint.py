@@ -7,6 +7,10 @@
         trainer_state.json                                step, data position, run facts
     checkpoints/latest                                    "step_000050"
 
+Under training.parallel=fsdp2 (`ShardedState`) state/ holds `optimizer_dcp/` (the sharded
+AdamW state, torch.distributed.checkpoint) and `random_states_<rank>.pkl`; the student is
+kept once, as the consolidated save_pretrained folder above, and loaded from it.
+
 A checkpoint is written into a temporary folder, verified (every file there, the saved
 weights readable and finite), renamed into place, and only then does `latest` move to it and
 do older checkpoints get pruned: a kill or a failure at any moment leaves either the previous
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 IN_USE = ".in_use"
+SHARDED_OPTIMIZER = "optimizer_dcp"  # state/ of an FSDP2 checkpoint
 
 
 def checkpoint_name(step: int) -> str:
@@ -88,10 +93,13 @@ def unusable(path: Path) -> str | None:
         return f"{TRAINER_STATE} has no step"
     state_dir = path / "state"
     names = {p.name for p in state_dir.iterdir()} if state_dir.is_dir() else set()
-    if not any(n.startswith(("model", "pytorch_model")) for n in names):  # model.safetensors, *_fsdp*, ...
+    sharded = SHARDED_OPTIMIZER in names  # FSDP2: the model is the consolidated folder itself
+    if not sharded and not any(n.startswith(("model", "pytorch_model")) for n in names):
         return "state/ holds no model state"
     if not any(n.startswith("optimizer") for n in names):
         return "state/ holds no optimizer state"
+    if sharded and not (state_dir / SHARDED_OPTIMIZER / ".metadata").is_file():
+        return f"state/{SHARDED_OPTIMIZER} has no .metadata"
     for weights in (path / "model.safetensors", state_dir / "model.safetensors"):
         if weights.parent == state_dir and not weights.exists():
             continue  # a sharded (FSDP) state keeps its model under other names
@@ -132,10 +140,11 @@ def missing_rng_states(path: Path, processes: int) -> list[str]:
     ]
 
 
-def resume_from_newest(run_dir: Path, accelerator, allow_inexact: bool = False) -> tuple[Path, dict] | None:
-    """Load the newest checkpoint that can be resumed from (model, optimizer, RNG restored in
-    place); returns (its path, its trainer state), or None when the run has none. Raises
-    ConfigError when checkpoints exist but none can be used."""
+def resume_from_newest(run_dir: Path, accelerator, state, allow_inexact: bool = False) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that can be resumed from (model, optimizer and RNG restored
+    in place by `state`, an AccelerateState or a ShardedState); returns (its path, its
+    trainer state), or None when the run has none. Raises ConfigError when checkpoints exist
+    but none can be used."""
     candidates = step_checkpoints(run_dir)
     if not candidates:
         return None
@@ -146,10 +155,10 @@ def resume_from_newest(run_dir: Path, accelerator, allow_inexact: bool = False) 
         if missing and not allow_inexact:
             reason = f"no {', '.join(missing)} (not an exact resume; training.allow_inexact_resume=true accepts it)"
         reason = reason or _rng_unreadable(path, accelerator.process_index, allow_inexact)
-        state = None
+        trainer_state = None
         if reason is None:
             try:
-                state = load_checkpoint(path, accelerator)
+                trainer_state = load_checkpoint(path, state)
             except Exception as exc:  # noqa: BLE001 - torch / pickle / safetensors: any failure means "skip it"
                 first = str(exc).splitlines()[0][:100] if str(exc) else ""
                 reason = f"does not load ({exc.__class__.__name__}: {first})"
@@ -165,7 +174,7 @@ def resume_from_newest(run_dir: Path, accelerator, allow_inexact: bool = False) 
             )
         if skipped:
             log.warning("resuming from %s; skipped newer checkpoint(s): %s", path.name, "; ".join(skipped))
-        return path, state
+        return path, trainer_state
     raise ConfigError(
         f"{Path(run_dir) / CHECKPOINTS} holds {len(candidates)} checkpoint(s) but none can be resumed from "
         f"({'; '.join(skipped)}); restore one, or move checkpoints/ away to start the run over"
@@ -187,7 +196,11 @@ def checkpoint_in_use(path: Path):
 
 
 def weights_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether every weight is finite (this process's shards of a sharded model: see
+    poweropd.sharding.all_finite for the answer of every process)."""
+    from poweropd.sharding import local
+
+    return all(bool(torch.isfinite(local(p)).all()) for p in model.parameters())
 
 
 def verify_checkpoint(path: Path, lm) -> None:
@@ -210,7 +223,9 @@ def verify_checkpoint(path: Path, lm) -> None:
                 raise CheckpointError(f"checkpoint {path} holds non-finite values in {key}")
 
 
-def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, accelerator, state, tokenizer, trainer_state: dict, keep: int) -> Path:
+    """Write checkpoint `step`: `state` (an AccelerateState or a ShardedState) writes the
+    student and the optimizer/RNG state, every process taking part."""
     root = run_dir / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -219,8 +234,9 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
     # them (a full disk, a failed verification) stops all of them at the same place.
     stages = [
         lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)) if main else None,
-        lambda: accelerator.save_state(str(tmp / "state")),
-        lambda: _write_and_verify(tmp, step, accelerator, lm, tokenizer, trainer_state) if main else None,
+        lambda: state.save_state(tmp / "state"),
+        lambda: state.save_student(tmp),
+        lambda: _finish_and_verify(tmp, step, state.lm, tokenizer, trainer_state) if main else None,
     ]
     for stage in stages:
         error = None
@@ -250,11 +266,10 @@ def save_checkpoint(run_dir: Path, step: int, accelerator, lm, tokenizer, traine
     return final
 
 
-def _write_and_verify(tmp: Path, step: int, accelerator, lm, tokenizer, trainer_state: dict) -> None:
-    accelerator.unwrap_model(lm).save_pretrained(tmp, safe_serialization=True)
+def _finish_and_verify(tmp: Path, step: int, lm, tokenizer, trainer_state: dict) -> None:
     tokenizer.save_pretrained(tmp)
     (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    verify_checkpoint(tmp, accelerator.unwrap_model(lm))  # before anything older is touched
+    verify_checkpoint(tmp, lm)  # before anything older is touched
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:
@@ -273,8 +288,85 @@ def _prune(root: Path, keep: int, newest: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, accelerator) -> dict:
+def load_checkpoint(path: Path, state) -> dict:
     """Restore model, optimizer and RNG states in place; return the trainer state."""
-    state = read_json_object(path / TRAINER_STATE)
-    accelerator.load_state(str(path / "state"))
+    trainer_state = read_json_object(path / TRAINER_STATE)
+    state.load(path)
+    return trainer_state
+
+
+class AccelerateState:
+    """What a data-parallel checkpoint holds besides the trainer state: the student
+    (save_pretrained, from the main process) and accelerate's save_state (model, optimizer,
+    the RNG of every process)."""
+
+    def __init__(self, accelerator, scorer):
+        self.accelerator = accelerator
+        self.lm = accelerator.unwrap_model(scorer).lm
+
+    def save_student(self, folder: Path) -> None:
+        if self.accelerator.is_main_process:
+            self.lm.save_pretrained(folder, safe_serialization=True)
+
+    def save_state(self, folder: Path) -> None:
+        self.accelerator.save_state(str(folder))
+
+    def load(self, path: Path) -> None:
+        self.accelerator.load_state(str(path / "state"))
+
+
+class ShardedState:
+    """An FSDP2 checkpoint (poweropd.sharding): the student once, consolidated on the main
+    process (and loaded back by broadcasting it), the AdamW state sharded (DCP), and the RNG
+    of every process. Every method is a collective."""
+
+    def __init__(self, accelerator, scorer, optimizer):
+        self.accelerator, self.scorer, self.optimizer = accelerator, scorer, optimizer
+        self.lm = scorer.lm
+
+    def save_student(self, folder: Path) -> None:
+        from poweropd.sharding import full_state_dict
+
+        weights = full_state_dict(self.lm)  # every process gathers, the main one receives
+        if self.accelerator.is_main_process:
+            self.lm.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+
+    def save_state(self, folder: Path) -> None:
+        from poweropd.sharding import save_optimizer
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_optimizer(self.scorer, self.optimizer, folder / SHARDED_OPTIMIZER)
+        torch.save(rng_state(), folder / f"random_states_{self.accelerator.process_index}.pkl")
+
+    def load(self, path: Path) -> None:
+        from poweropd.sharding import load_full_state_dict, load_optimizer
+
+        load_full_state_dict(self.lm, path if self.accelerator.is_main_process else None)
+        load_optimizer(self.scorer, self.optimizer, path / "state" / SHARDED_OPTIMIZER)
+        rng = path / "state" / f"random_states_{self.accelerator.process_index}.pkl"
+        if rng.is_file():  # missing only when training.allow_inexact_resume accepted that
+            set_rng_state(torch.load(rng, weights_only=False))
+
+
+def rng_state() -> dict:
+    """Every RNG this process draws from (Python, NumPy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -127,6 +127,18 @@ class VLLMConfig:
         _positive("vllm.max_model_len", self.max_model_len, strict=False)
 
 
+PARALLEL_MODES = ("ddp", "fsdp2")
+
+
+@dataclass
+class FSDPConfig:
+    """torch's FSDP2 (`fully_shard`) over the run's processes (training.parallel=fsdp2); see
+    poweropd.sharding."""
+
+    cpu_offload: bool = _help("keep the student's sharded parameters, gradients and AdamW state in CPU memory", False)
+    shard_teacher: bool = _help("shard the in-process teacher too (false: a full copy per process)", True)
+
+
 TEACHER_BACKENDS = ("hf", "vllm", "server")
 
 
@@ -215,6 +227,12 @@ class TrainingConfig:
     gen_batch_size: int = _help("rollouts generated at once per process (0 = all)", 0)
     rollout_engine: str = _help("hf (transformers generate) | vllm (colocated engine, synced every update)", "hf")
     vllm: VLLMConfig = _help("the colocated vLLM engine (rollout_engine=vllm)", factory=VLLMConfig)
+    parallel: str = _help(
+        "ddp (accelerate data parallel: a full student per process) | fsdp2 (torch fully_shard: the student, its "
+        "gradients and AdamW state, and the in-process teacher sharded over the processes)",
+        "ddp",
+    )
+    fsdp: FSDPConfig = _help("FSDP2 settings (training.parallel=fsdp2)", factory=FSDPConfig)
     lr: float = _help("AdamW learning rate", 1e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     adam_beta1: float = _help("AdamW beta1", 0.9)
@@ -291,6 +309,12 @@ class TrainingConfig:
         _one_of("training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("training.rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
         _one_of("training.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _one_of("training.parallel", self.parallel, PARALLEL_MODES)
+        if self.parallel == "fsdp2" and self.mixed_precision == "fp16":
+            raise ConfigError(
+                "training.mixed_precision=fp16 under training.parallel=fsdp2 would need a sharded gradient scaler; "
+                "use bf16 (FSDP2 gathers bf16 parameters and reduces fp32 gradients) or no"
+            )
         _one_of("training.train_data", self.train_data, TRAIN_DATA)
         _one_of("training.val_data", self.val_data, VAL_DATA)
         if self.batch_size % self.rollouts_per_prompt:

@@ -93,7 +93,7 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
         return generate(self.model, prompts, params, self.stop_ids, self.pad_id, self.batch_size, self.autocast)
 
-    def sync(self, model) -> float:
+    def sync(self, model, weights: dict | None = None) -> float:
         started = time.perf_counter()
         self.model = model
         return time.perf_counter() - started

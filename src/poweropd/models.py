@@ -138,10 +138,12 @@ def stop_token_ids(tokenizer, names: list[str]) -> list[int]:
     return ids
 
 
-def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None) -> ModelPair:
+def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None, place: bool = True) -> ModelPair:
     """The pair's tokenizer and models: the teacher's weights only when it runs in this
     process (teacher_backend=hf). `before_weights(tokenizer)` runs after the checks and
-    before any weights load (the served teacher's start-up checks)."""
+    before any weights load (the served teacher's start-up checks). Dtypes follow `device`;
+    `place=False` leaves the weights in CPU memory (FSDP2 moves each process's shards to
+    `device` when it shards them)."""
     teacher_path, student_path = resolve_paths(cfg)
     served = cfg.teacher_backend == "server"
     tokenizer = check_pair(None if served else teacher_path, student_path, cfg)
@@ -151,14 +153,15 @@ def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None) -
     t_dtype = DTYPES.get(cfg.teacher_dtype) or (torch.bfloat16 if on_gpu else torch.float32)
     s_dtype = DTYPES.get(cfg.student_dtype) or torch.float32
     common = dict(attn_implementation=cfg.attn_implementation, **_hub_kwargs(cfg))
+    target = device if place else torch.device("cpu")
     teacher = None
     if cfg.teacher_backend == "hf":
         log.info("loading teacher %s (%s) and student %s (%s)", teacher_path, t_dtype, student_path, s_dtype)
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=t_dtype, **common).to(device)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=t_dtype, **common).to(target)
         teacher.eval().requires_grad_(False)
     else:
         log.info("loading student %s (%s); the teacher runs in %s", student_path, s_dtype, cfg.teacher_backend)
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=s_dtype, **common).to(device)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=s_dtype, **common).to(target)
     for model in (m for m in (teacher, student) if m is not None):
         neutralize_generation_defaults(model)
         head = model.get_output_embeddings()

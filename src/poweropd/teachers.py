@@ -98,23 +98,37 @@ def parse_answers(sequences, positions, answers, k: int, device) -> tuple[torch.
 
 
 class HFTeacher:
-    """The teacher model in the trainer process."""
+    """The teacher model in the trainer process; `root` is its FSDP2 root when it is sharded
+    over the processes (poweropd.sharding.shard_teacher)."""
 
     name = "hf"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, root=None):
+        self.model, self.root = model, root
         self.seconds = 0.0
+        self._gathered_head = None
 
     @property
     def head_VD(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight
+        """The lm-head weight the vocabulary objectives multiply: a sharded teacher's is the
+        one gathered by the last `score` that asked for hidden states."""
+        if self.root is None:
+            return self.model.get_output_embeddings().weight
+        return self._gathered_head
 
     def score(self, need: str, micro_inputs: list[tuple], chunk: int, k: int = 0) -> list[TeacherOut]:
         from poweropd.models import score_teacher
 
         started = time.perf_counter()
-        out = [score_teacher(self.model, need, *inputs, chunk, k) for inputs in micro_inputs]
+        if self.root is None:
+            out = [score_teacher(self.model, need, *inputs, chunk, k) for inputs in micro_inputs]
+        else:  # every process scores its own rollouts; each forward all-gathers the layers it runs
+            from poweropd.sharding import full_tensor
+
+            out = [self.root(need, *inputs, chunk, k) for inputs in micro_inputs]
+            self._gathered_head = None  # the previous update's, before gathering anew
+            if need == "hidden":
+                self._gathered_head = full_tensor(self.model.get_output_embeddings().weight)
         self.seconds += time.perf_counter() - started
         return out
 

@@ -43,7 +43,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from poweropd.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint, weights_finite
+from poweropd.checkpoint import (
+    AccelerateState,
+    ShardedState,
+    latest_checkpoint,
+    resume_from_newest,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    weights_finite,
+)
 from poweropd.config import Config
 from poweropd.data import PromptSampler, bound_prompts, train_rows, val_rows
 from poweropd.engines import make_engine
@@ -84,7 +93,7 @@ class Run:
     run_dir: Path
     accelerator: Accelerator
     pair: ModelPair
-    scorer: torch.nn.Module  # StudentScorer, wrapped by accelerate (DDP/FSDP) when distributed
+    scorer: torch.nn.Module  # StudentScorer: wrapped by accelerate (DDP), or the FSDP2 root (training.parallel=fsdp2)
     optimizer: torch.optim.Optimizer
     sampler: PromptSampler
     val: list[dict]
@@ -97,6 +106,25 @@ class Run:
     @property
     def student(self):
         return self.accelerator.unwrap_model(self.scorer).lm
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.training.parallel == "fsdp2"
+
+    @property
+    def state(self):
+        """What a checkpoint holds of this run besides the trainer state (poweropd.checkpoint)."""
+        if self.sharded:
+            return ShardedState(self.accelerator, self.scorer, self.optimizer)
+        return AccelerateState(self.accelerator, self.scorer)
+
+    def weights_finite(self) -> bool:
+        """Whether the student's weights are finite (on every process, when sharded)."""
+        if self.sharded:
+            from poweropd.sharding import all_finite
+
+            return all_finite(self.student)
+        return weights_finite(self.student)
 
 
 # ----------------------------------------------------------------------------------------
@@ -118,8 +146,20 @@ def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
         metrics["task/accuracy"] = correct.mean().item()
     # 6. The next rollouts must come from the updated student: copy it into the engine.
     if run.engine.name != "hf":
-        metrics["engine/sync_s"] = run.engine.sync(run.student)
+        metrics["engine/sync_s"] = sync_engine(run)
     return metrics, tokens
+
+
+def sync_engine(run: Run) -> float:
+    """Copy the student's weights into the rollout engine; a sharded student's are gathered
+    on every process first (each process's engine holds a full copy)."""
+    if not run.sharded:
+        return run.engine.sync(run.student)
+    from poweropd.sharding import full_state_dict
+
+    started = time.perf_counter()
+    weights = full_state_dict(run.student, everywhere=True)
+    return run.engine.sync(run.student, weights) + (time.perf_counter() - started)
 
 
 def opd_update(
@@ -187,7 +227,12 @@ def opd_update(
     # 4. Clip (logging the norm before clipping) and step, unless something is non-finite: a
     # non-finite student log-prob comes from the student's own forward, and its backward has
     # already carried it into the gradients, so the whole update is dropped, never stepped.
-    grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm)
+    if run.sharded:  # torch's clip on the sharded gradients: the norm of the whole model
+        from poweropd.sharding import clip_grad_norm
+
+        grad_norm = clip_grad_norm(run.scorer.parameters(), tc.max_grad_norm)
+    else:
+        grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm)
     loss_total = acc.reduce(sum(out.loss.detach() for out in outs), "sum") / acc.num_processes
     skip_reason = None
     if not torch.isfinite(loss_total):
@@ -380,10 +425,21 @@ def sample_rollouts(run: Run, rows: list[dict], params: SamplingParams, repeats:
     return run.engine.generate(prompts, params)
 
 
-def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator) -> RolloutEngine:
-    """The rollout engine of a run. HF generates in the run's precision (autocast); vLLM is
-    built from the student's checkpoint and synced with the live student before each use."""
+def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator, sharded_root=None) -> RolloutEngine:
+    """The rollout engine of a run. HF generates in the run's precision (autocast), on the
+    gathered student when it is sharded (`sharded_root`, the FSDP2 root); vLLM is built from
+    the student's checkpoint and synced with the live student before each use."""
     tc = cfg.training
+    context = acc.autocast
+    if sharded_root is not None:
+        from poweropd.sharding import gathered_for_generation
+
+        def context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(gathered_for_generation(sharded_root))
+            stack.enter_context(acc.autocast())
+            return stack
+
     precision = _mixed_precision(tc.mixed_precision)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision) or str(pair.student.dtype).removeprefix("torch.")
     return make_engine(
@@ -393,7 +449,7 @@ def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator) -> RolloutEngin
         model=pair.student if tc.rollout_engine == "hf" else None,  # vLLM is synced with it at the start
         model_path=pair.student_path,
         batch_size=tc.gen_batch_size,
-        autocast=acc.autocast,
+        autocast=context,
         dtype=dtype,
         seed=cfg.seed + acc.process_index,
         trust_remote_code=cfg.model_pair.trust_remote_code,
@@ -462,9 +518,10 @@ def validate(run: Run, step: int) -> dict:
 @torch.no_grad()
 def reward_dump(run: Run) -> dict:
     """Every token-level reward of rollouts on M held-out prompts, before any update
-    (the paper's Figure 2a data). Runs on the main process only."""
+    (the paper's Figure 2a data). Runs on the main process only (on every process when the
+    models are sharded, since their forwards are collectives; the main one writes)."""
     acc, tc, rc = run.accelerator, run.cfg.training, run.cfg.reward
-    if not acc.is_main_process:
+    if not acc.is_main_process and not run.sharded:
         return {}
     rows = val_rows(tc.val_data, tc.reward_dump_prompts, tc.data_dir)
     rows = rows or run.sampler.rows[: tc.reward_dump_prompts]
@@ -479,6 +536,8 @@ def reward_dump(run: Run) -> dict:
             lS.append(scorer(*inputs).float())
     lT_N, lS_N = torch.cat(lT).float(), torch.cat(lS)
     run.teacher.metrics()  # the dump's scoring is not an update's
+    if not acc.is_main_process:
+        return {}
     where = torch.nonzero(mask_BT)
     arrays = {
         "rollout": where[:, 0],
@@ -545,6 +604,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     wall_start = time.time()
     if cfg.training.cpu_threads:
         torch.set_num_threads(cfg.training.cpu_threads)
+    join_job_tasks()
     acc = make_accelerator(cfg)
     run_dir = shared_run_dir(acc, run_dir)
     lock, refused = RunLock(run_dir), ""
@@ -603,6 +663,26 @@ def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> d
         run.teacher.close()
 
 
+def join_job_tasks() -> None:
+    """A SLURM (or submitit) job with several tasks, started without torchrun
+    (hydra/launcher=slurm_multinode: tasks_per_node processes on each of `nodes` nodes, or
+    `srun python run.py`): each task is one trainer process. It gets the torch.distributed
+    variables torchrun would have set (rank, world size, local rank, the first node as
+    master), from the job's own environment; under torchrun or accelerate nothing changes."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        tasks = JobEnvironment().num_tasks
+    except (ImportError, RuntimeError):  # not inside a job
+        return
+    if tasks > 1:
+        found = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # accelerate picks the GPU
+        log.info("job task %d of %d (master %s:%d)", found.rank, found.world_size, found.master_addr, found.master_port)
+
+
 # What `accelerate launch` sets for a sharded run (--use_fsdp / --use_deepspeed, or a config file).
 SHARDING_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
@@ -625,7 +705,11 @@ def refuse_ignored_sharding() -> None:
 def make_accelerator(cfg: Config) -> Accelerator:
     tc = cfg.training
     refuse_ignored_sharding()
-    acc = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
+    # Under FSDP2 the precision is FSDP's MixedPrecisionPolicy (poweropd.sharding), not autocast.
+    precision = "no" if tc.parallel == "fsdp2" else _mixed_precision(tc.mixed_precision)
+    acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    if tc.parallel == "fsdp2":
+        ensure_process_group(acc)
     per_process = tc.batch_size // acc.num_processes
     if tc.batch_size % acc.num_processes or per_process % tc.rollouts_per_prompt:
         raise ConfigError(
@@ -638,6 +722,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
             "shards; use DDP (accelerate launch --multi_gpu) or training.rollout_engine=hf"
         )
     return acc
+
+
+def ensure_process_group(acc: Accelerator) -> None:
+    """FSDP2 shards over a process group; a plain one-process `python run.py` has none, so
+    it gets a one-member group (FSDP2 at one process: the same code path, nothing sharded)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if acc.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def shared_run_dir(acc: Accelerator, run_dir: Path) -> Path:
@@ -669,9 +763,19 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
         remote.append(open_teacher(cfg, tokenizer, teacher_path, student_path, cfg.seed + acc.process_index))
 
     hook = open_remote if cfg.model_pair.teacher_backend != "hf" else None
+    sharded = tc.parallel == "fsdp2"
     with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
-        pair = load_pair(cfg.model_pair, acc.device, before_weights=hook)
-    teacher = remote[0] if remote else HFTeacher(pair.teacher)
+        pair = load_pair(cfg.model_pair, acc.device, before_weights=hook, place=not sharded)
+    if remote:
+        teacher = remote[0]
+    elif sharded and tc.fsdp.shard_teacher:
+        from poweropd.sharding import shard_teacher
+
+        teacher = HFTeacher(pair.teacher, root=shard_teacher(pair.teacher, acc.device))
+    else:
+        if sharded:  # a full teacher copy per process
+            pair.teacher.to(acc.device)
+        teacher = HFTeacher(pair.teacher)
     if teacher.name == "server":  # the run's record names what was served, and where
         pair.teacher_path = f"{teacher.client.model} at {teacher.client.url}"
     rows, too_long = bound_prompts(rows, pair.tokenizer, tc.max_prompt_tokens)
@@ -687,14 +791,19 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     if tc.gradient_checkpointing:
         pair.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     scorer = StudentScorer(pair.student, tc.logprob_chunk_size)
+    if sharded:  # torch's FSDP2, before the optimizer sees the (now sharded) parameters
+        from poweropd.sharding import shard_student
+
+        shard_student(scorer, acc.device, _mixed_precision(tc.mixed_precision), tc.fsdp.cpu_offload)
     optimizer = torch.optim.AdamW(
         scorer.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay
     )
-    scorer, optimizer = acc.prepare(scorer, optimizer)
+    if not sharded:
+        scorer, optimizer = acc.prepare(scorer, optimizer)
     # Seed last: building the toy pair (first use only) draws random numbers of its own,
     # and a run must not depend on whether the pair was already cached.
     set_seed(cfg.seed + acc.process_index)
-    engine = build_engine(cfg, pair, acc)
+    engine = build_engine(cfg, pair, acc, scorer if sharded else None)
     tracker = Tracker(run_dir, cfg.logger, asdict(cfg), enabled=acc.is_main_process)
     sampler = PromptSampler(rows, cfg.seed)
     return Run(
@@ -706,7 +815,7 @@ def _loop(run: Run, wall_start: float) -> dict:
     cfg, acc, tracker = run.cfg, run.accelerator, run.tracker
     tc = cfg.training
     start_step, resumed_from, discarded = 0, None, []
-    resumed = resume_from_newest(run.run_dir, acc, tc.allow_inexact_resume)
+    resumed = resume_from_newest(run.run_dir, acc, run.state, tc.allow_inexact_resume)
     if resumed is not None:
         checkpoint, state = resumed
         start_step = resumed_from = int(state["step"])
@@ -714,7 +823,7 @@ def _loop(run: Run, wall_start: float) -> dict:
         discarded = tracker.rewind(start_step)
         log.info("resumed from %s (step %d of %d)", checkpoint, start_step, tc.steps)
     if run.engine.name != "hf":  # the engine starts from the checkpoint the student was loaded from
-        log.info("%s engine synced with the student in %.2f s", run.engine.name, run.engine.sync(run.student))
+        log.info("%s engine synced with the student in %.2f s", run.engine.name, sync_engine(run))
     if resumed is None:
         tracker.start_fresh()
         if acc.is_main_process:
@@ -772,9 +881,7 @@ def _loop(run: Run, wall_start: float) -> dict:
                 break
             stopping = stop.requested(acc) and step < tc.steps
             if (tc.save_every and step % tc.save_every == 0 and step < tc.steps) or stopping:
-                if not weights_finite(
-                    run.student
-                ):  # never checkpoint them (the skip guard should make this unreachable)
+                if not run.weights_finite():  # never checkpoint them (the skip guard should make this unreachable)
                     status = "nonfinite"
                     log.error("the student's weights are not finite at step %d; not checkpointing them", step)
                     break
@@ -793,10 +900,11 @@ def _loop(run: Run, wall_start: float) -> dict:
     bar.close()
 
     acc.wait_for_everyone()
-    finite = weights_finite(run.student)
-    if acc.is_main_process and finite:
-        run.student.save_pretrained(run.run_dir / FINAL_MODEL, safe_serialization=True)
-        run.pair.tokenizer.save_pretrained(run.run_dir / FINAL_MODEL)
+    finite = run.weights_finite()
+    if finite:
+        run.state.save_student(run.run_dir / FINAL_MODEL)
+        if acc.is_main_process:
+            run.pair.tokenizer.save_pretrained(run.run_dir / FINAL_MODEL)
     summary = build_summary(run, status, step, resumed_from, wall_start)
     summary["final_student_saved"] = finite
     summary["discarded_metrics_lines"] = discarded
@@ -824,7 +932,7 @@ def checkpoint_run(run: Run, step: int) -> None:
         run.run_dir,
         step,
         run.accelerator,
-        run.student,
+        run.state,
         run.pair.tokenizer,
         {"sampler": run.sampler.state_dict()},
         run.cfg.training.keep_checkpoints,
@@ -840,30 +948,21 @@ class StepStart:
     checkpoints serve (another process may be waiting in a collective)."""
 
     def __init__(self, run: Run):
-        import random
-
         self.run = run
         self.sampler = run.sampler.state_dict()
-        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.rng = rng_state()
 
     def checkpoint(self, step: int) -> None:
-        import random
-
         run, acc = self.run, self.run.accelerator
         if step < 1 or acc.num_processes > 1:  # under data parallel the periodic checkpoints serve
             return
         if latest_checkpoint(run.run_dir) is not None and latest_checkpoint(run.run_dir).name == f"step_{step:06d}":
             return
-        if not weights_finite(run.student):  # never checkpoint them (as the periodic checkpoints)
+        if not run.weights_finite():  # never checkpoint them (as the periodic checkpoints)
             return
         run.optimizer.zero_grad(set_to_none=True)
         run.sampler.load_state_dict(self.sampler)
-        random.setstate(self.rng[0])
-        np.random.set_state(self.rng[1])
-        torch.set_rng_state(self.rng[2])
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        set_rng_state(self.rng)
         checkpoint_run(run, step)
         log.warning("checkpoint step_%06d written (the last finished update) before stopping", step)
 

@@ -225,11 +225,12 @@ class VLLMEngine:
     # -- weights and memory -----------------------------------------------------------
 
     @torch.no_grad()
-    def sync(self, model) -> float:
-        """Copy `model`'s weights into the engine (in place); returns seconds taken."""
+    def sync(self, model, weights: dict | None = None) -> float:
+        """Copy `model`'s weights (or `weights`, its full state dict when the model itself is
+        sharded) into the engine, in place; returns seconds taken."""
         started = time.perf_counter()
         self.wake()
-        weights = list(model.state_dict().items())
+        weights = list((model.state_dict() if weights is None else weights).items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()  # KV blocks of the old weights must not be reused
         return time.perf_counter() - started

@@ -1,11 +1,11 @@
-"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling,teacher} [options]"""
+"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling,teacher,memory} [options]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from poweropd.bench import common, kernels, overhead, rollout, step, teacher
+from poweropd.bench import common, kernels, memory, overhead, rollout, step, teacher
 
 BENCHMARKS = {
     "kernels": (
@@ -49,6 +49,13 @@ BENCHMARKS = {
         teacher.table,
         teacher.describe,
         "teacher scoring: in the trainer, in-process vLLM, vLLM server",
+    ),
+    "memory": (
+        memory.add_arguments,
+        memory.run,
+        memory.table,
+        memory.describe,
+        "memory per process: DDP vs FSDP2 (a model, checked against RSS with --measure)",
     ),
 }
 ALIASES = {"logprobs": "kernels"}  # the first benchmark's old name

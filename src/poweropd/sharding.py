@@ -1,0 +1,234 @@
+"""FSDP2 for the trainer (training.parallel=fsdp2): torch's own `fully_shard`, nothing home-made.
+
+What is sharded, and how (docs/parallel.md has the memory model):
+
+- The student: every decoder layer is one FSDP unit, and the `StudentScorer` wrapping it is
+  the root unit. The root owns what is left (embeddings, final norm, lm-head; one tensor when
+  they are tied), so the lm-head weight the chunked loss kernels read is the root's gathered
+  parameter for the whole forward and backward of a micro-batch: the kernels see a plain
+  tensor, and its gradient is reduce-scattered with the rest. Gradients are reduce-scattered
+  after every micro-batch (sharded accumulation, no full-size gradient buffer), averaged
+  over processes, which the trainer's loss weights undo exactly as under DDP.
+- AdamW holds DTensor shards, so its state is sharded too. `training.mixed_precision=bf16`
+  becomes a MixedPrecisionPolicy (bf16 all-gathers and compute, fp32 master weights and fp32
+  gradient reduction) instead of autocast; `training.fsdp.cpu_offload` keeps shards,
+  gradients and optimizer state in CPU memory (torch's CPUOffloadPolicy).
+- An in-process teacher (model_pair.teacher_backend=hf, training.fsdp.shard_teacher): its
+  decoder layers are units under a frozen root that reshards after every forward. For the
+  vocabulary objectives, which multiply the teacher's lm-head inside the student's kernels,
+  the teacher head is gathered once per update and dropped with it.
+- Generation (the hf engine, validation, the reward dump) runs on the gathered student:
+  `gathered_for_generation` all-gathers every unit once and keeps it gathered for the whole
+  `generate`, so no collective runs per token and processes may finish at different steps.
+- Checkpoints (poweropd.checkpoint): the student is written once, consolidated
+  (`save_pretrained` of the full state dict gathered on the main process) and loaded back by
+  broadcasting it from there; the optimizer state is written sharded with
+  torch.distributed.checkpoint (DCP), which reshards on load.
+
+Every function here is a collective: all processes call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - the pinned torch has them
+    FSDPModule = DTensor = None
+
+OPTIMIZER_DIR = "optimizer_dcp"  # inside a checkpoint's state/: the sharded AdamW state
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM: the modules its `_no_split_modules`
+    names (the unit accelerate and transformers' own FSDP wrapping use), else the decoder's
+    `.layers`."""
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = list(getattr(lm.get_decoder(), "layers", []))
+    if not layers:
+        from poweropd.errors import ConfigError
+
+        raise ConfigError(
+            f"{type(lm).__name__} names no decoder-layer class (_no_split_modules) and has no .layers; "
+            "training.parallel=fsdp2 shards per decoder layer, so use training.parallel=ddp for this model"
+        )
+    return layers
+
+
+def _mesh(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_student(scorer: nn.Module, device: torch.device, mixed_precision: str, cpu_offload: bool) -> nn.Module:
+    """Shard `scorer` (a StudentScorer) in place: decoder layers, then the scorer as root."""
+    kwargs = {"mesh": _mesh(device)}
+    if mixed_precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
+    for layer in decoder_layers(scorer.lm):
+        fully_shard(layer, **kwargs)
+    fully_shard(scorer, **kwargs)
+    _init_root(scorer)
+    return scorer
+
+
+def _init_root(root: nn.Module) -> None:
+    """Make `root` the FSDP root now. FSDP2 decides the root at the first forward, and the
+    first forward of a run may be a rollout's, which enters the model below the scorer."""
+    root._get_fsdp_state()._lazy_init()
+
+
+class TeacherRoot(nn.Module):
+    """The frozen in-process teacher as an FSDP root: its forward is poweropd.models.score_teacher."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, need: str, input_ids_BS, attention_mask_BS, prompt_len: int, mask_BT, chunk: int, k: int = 0):
+        from poweropd.models import score_teacher
+
+        return score_teacher(self.lm, need, input_ids_BS, attention_mask_BS, prompt_len, mask_BT, chunk, k)
+
+
+def shard_teacher(lm: nn.Module, device: torch.device) -> TeacherRoot:
+    """Shard a frozen teacher: decoder layers, then a root that reshards after each forward
+    (an FSDP root would otherwise keep its parameters gathered for a backward that never comes)."""
+    mesh = _mesh(device)
+    for layer in decoder_layers(lm):
+        fully_shard(layer, mesh=mesh)
+    root = TeacherRoot(lm)
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    _init_root(root)
+    return root
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor (a collective); any other tensor as it is."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """torch's clip_grad_norm_ on (sharded) gradients; the pre-clip total norm of the whole
+    model, the same number on every process."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return float(full_tensor(norm))
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every weight of `model` is finite on every process."""
+    ok = all(bool(torch.isfinite(local(p)).all()) for p in model.parameters())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=_any_device(model))
+        dist.all_reduce(flag)
+        ok = int(flag.item()) == 0
+    return ok
+
+
+def _any_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters())
+    # gloo reduces CPU tensors; NCCL needs the process's GPU (a CPU-offloaded shard lives on the CPU)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return local(p).device if local(p).device.type == "cpu" else torch.device("cpu")
+
+
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered_for_generation(root: nn.Module):
+    """Every FSDP unit of `root` all-gathered for the duration (one collective per unit on
+    entry), and kept gathered across forwards, so `generate` runs no collective per token.
+    Costs the gathered model's memory while generating, like any rollout engine."""
+    units = fsdp_units(root)
+    for unit in units:
+        if unit is not root:
+            unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not root:
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+# ----------------------------------------------------------------------------------------
+# State dicts and checkpoints
+
+
+def full_state_dict(lm: nn.Module, everywhere: bool = False) -> dict:
+    """The student's full state dict, gathered: on the main process only (on the CPU), or on
+    every process (`everywhere`, on the process's device: a colocated engine's weight sync)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    return get_model_state_dict(lm, options=options)
+
+
+def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:
+    """Load a consolidated `save_pretrained` folder into the sharded `lm`: the main process
+    reads it (`path`; None elsewhere) and broadcasts it to the others' shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state: dict = {}
+    if path is not None:
+        state = load_file(str(Path(path) / "model.safetensors"))
+        for key in lm.state_dict():  # save_pretrained drops tied copies (lm_head.weight)
+            if key not in state:
+                source = _tied_source(lm, key)
+                if source is None or source not in state:
+                    raise KeyError(f"{path} has no weight {key}")
+                state[key] = state[source]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(lm, state, options=options)
+
+
+def _tied_source(lm: nn.Module, key: str) -> str | None:
+    """The state-dict key holding the same tensor as `key` (a tied lm-head), if any."""
+    target = dict(lm.named_parameters(remove_duplicate=False)).get(key)
+    if target is None:
+        return None
+    for name, param in lm.named_parameters():
+        if param is target and name != key:
+            return name
+    return None
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The sharded AdamW state, written by every process into `folder` (DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore the AdamW state written by `save_optimizer` (any number of processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

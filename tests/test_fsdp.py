@@ -1,0 +1,144 @@
+"""FSDP2 (training.parallel=fsdp2) for real on the CPU: torch's fully_shard over two gloo
+processes makes the update of one unsharded process, checkpoints shard by shard, resumes
+bit-exactly after SIGKILL and leaves a consolidated student that plain transformers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT
+from test_data_parallel import TORCHRUN, _run, free_port, largest_difference, two_processes
+
+from poweropd.errors import ConfigError
+
+pytestmark = pytest.mark.e2e
+
+FSDP2 = ["training.parallel=fsdp2"]
+
+
+@pytest.mark.parametrize(
+    "reward, extra",
+    [
+        ("vanilla", []),  # a sampled-token reward
+        ("zscore", []),  # batch moments from a no-grad pre-pass of the sharded student
+        ("full_vocab", []),  # the teacher's lm-head gathered from its shards into the student's kernel
+        ("power", ["training.fsdp.shard_teacher=false", "training.fsdp.cpu_offload=true"]),
+    ],
+)
+def test_fsdp2_on_two_processes_makes_the_update_of_one_unsharded_process(tmp_path, toy_cache, reward, extra):
+    # two micro-batches per process: sharded gradients accumulate over reduce-scatters
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", f"reward={reward}"]
+    overrides.append("training.micro_batch_size=2")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, "tests/dp_update_check.py", str(one), *overrides])  # plain, unsharded
+    two_processes(two, [*overrides, *FSDP2, *extra])
+    a, b = torch.load(one), torch.load(two)
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"] > 0
+    assert set(a["params"]) == set(b["params"])  # the gathered state dict names every weight
+    worst = largest_difference(a, b)
+    assert worst < 1e-5, worst
+    assert a["metrics"]["grad_norm"] > 0 and b["metrics"]["grad_norm"] == pytest.approx(a["metrics"]["grad_norm"], 1e-4)
+    assert b["metrics"]["loss"] == pytest.approx(a["metrics"]["loss"], rel=1e-4, abs=1e-7)
+
+
+def test_fsdp2_bf16_keeps_fp32_master_weights_and_follows_the_fp32_update(tmp_path, toy_cache):
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=vanilla"]
+    fp32, bf16 = tmp_path / "fp32.pt", tmp_path / "bf16.pt"
+    two_processes(fp32, [*overrides, *FSDP2])
+    two_processes(bf16, [*overrides, *FSDP2, "training.mixed_precision=bf16"])
+    a, b = torch.load(fp32), torch.load(bf16)
+    assert all(v.dtype == torch.float32 for v in b["params"].values())  # master weights stay fp32
+    # bf16 compute moves the numbers, not the update: the same tokens, a close norm and loss
+    assert a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"]
+    assert b["metrics"]["grad_norm"] == pytest.approx(a["metrics"]["grad_norm"], rel=0.05)
+    assert 0 < largest_difference(a, b) < 10 * 1e-4  # a different rounding, an update of the lr's size
+
+
+def _launch(run_dir, overrides: list[str]) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "run.py", *overrides]
+    cmd.append(f"hydra.run.dir={run_dir}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # its own session, so that SIGKILL reaches the launcher and both workers at once
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+UPDATE_KEYS = ("loss", "grad_norm", "n_tokens", "response_length", "log_ratio/mean", "val/accuracy")
+
+
+def test_fsdp2_resumes_bit_exactly_after_sigkill_and_leaves_a_loadable_student(tmp_path, toy_cache):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=power", *FSDP2]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = _launch(straight, overrides)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+    proc = _launch(killed, overrides)
+    deadline = time.time() + 300
+    while not ((killed / "checkpoints" / "latest").exists() and len(_metrics_lines(killed)) >= 4):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read()[-3000:])
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    checkpoint = killed / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in (checkpoint / "state").iterdir()) == [
+        "optimizer_dcp",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert len(list((checkpoint / "state" / "optimizer_dcp").glob("*.distcp"))) == 2  # one shard file per process
+
+    proc = _launch(killed, overrides)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumed_from_step"] == 2 and summary["processes"] == 2
+    a, b = _metrics(straight), _metrics(killed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: ra.get(k) for k in UPDATE_KEYS} == {k: rb.get(k) for k in UPDATE_KEYS}, ra["step"]
+
+    # The consolidated student: plain transformers loads it, and it is the same model either way.
+    weights_a = load_file(str(straight / "student" / "model.safetensors"))
+    weights_b = load_file(str(killed / "student" / "model.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    for folder in (killed / "student", checkpoint):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    loaded = AutoModelForCausalLM.from_pretrained(killed / "student").state_dict()
+    assert all(torch.equal(loaded[k], weights_b[k]) for k in weights_b)
+
+
+def _metrics_lines(run_dir) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_fp16_under_fsdp2_is_refused_in_one_line():
+    from poweropd.config import TrainingConfig
+
+    with pytest.raises(ConfigError, match="fp16 under training.parallel=fsdp2") as info:
+        TrainingConfig(parallel="fsdp2", mixed_precision="fp16")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="training.parallel='zero3' is not valid; choose one of: ddp, fsdp2"):
+        TrainingConfig(parallel="zero3")
