@@ -199,3 +199,38 @@ def test_the_servers_memory_is_summed_over_its_process_tree():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_memory_models_parameter_counts_are_the_models_own(tied):
+    import torch
+
+    from poweropd.bench.memory import count_params
+    from poweropd.flops import Arch
+
+    arch = Arch(48, 3, 96, 4, 2, 16, 300)
+    model = step.build_model(arch, torch.float32, "cpu", seed=0)
+    model.config.tie_word_embeddings = tied
+    if not tied:  # an untied head: its own tensor
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    counted = count_params(arch, tied=tied)
+    assert counted.total == sum(p.numel() for p in model.parameters())
+    assert counted.layer == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_the_memory_model_shards_state_and_teacher_over_fsdp2_processes():
+    from poweropd.bench.memory import GIB, Params, predict
+
+    student, teacher = Params(root=10**8, layer=10**8, layers=10), Params(root=10**8, layer=4 * 10**8, layers=10)
+    ddp, fsdp = predict(student, teacher, 8, "ddp"), predict(student, teacher, 8, "fsdp2")
+    assert ddp["student_state_gb"] == pytest.approx((16 + 4) * student.total / GIB)  # + DDP's gradient buckets
+    assert fsdp["student_state_gb"] == pytest.approx(16 * student.total / 8 / GIB)
+    assert fsdp["teacher_gb"] == pytest.approx(ddp["teacher_gb"] / 8)
+    assert fsdp["device_peak_gb"] < ddp["device_peak_gb"] and fsdp["gathered_gb"] > 0 == ddp["gathered_gb"]
+
+
+@pytest.mark.e2e
+def test_memory_benchmark_prints_the_table_of_the_papers_pairs(tmp_path):
+    result = bench(tmp_path, "memory", "--processes", "2")
+    pairs = {(r["pair"], r["parallel"]) for r in result["rows"]}
+    assert ("8b_from_32b", "fsdp2") in pairs and ("qwen3_4b_0.6b", "ddp") in pairs and len(pairs) == 10

@@ -138,12 +138,20 @@ def stop_token_ids(tokenizer, names: list[str]) -> list[int]:
     return ids
 
 
-def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None, place: bool = True) -> ModelPair:
+def load_pair(
+    cfg: ModelPairConfig,
+    device: torch.device,
+    before_weights=None,
+    place: bool = True,
+    without_weights: frozenset[str] = frozenset(),
+) -> ModelPair:
     """The pair's tokenizer and models: the teacher's weights only when it runs in this
     process (teacher_backend=hf). `before_weights(tokenizer)` runs after the checks and
     before any weights load (the served teacher's start-up checks). Dtypes follow `device`;
     `place=False` leaves the weights in CPU memory (FSDP2 moves each process's shards to
-    `device` when it shards them)."""
+    `device` when it shards them). The roles in `without_weights` ("teacher", "student")
+    are built from their config on the meta device, reading no weights: under FSDP2 the
+    processes other than the main one get their shards by broadcast from it."""
     teacher_path, student_path = resolve_paths(cfg)
     served = cfg.teacher_backend == "server"
     tokenizer = check_pair(None if served else teacher_path, student_path, cfg)
@@ -157,11 +165,11 @@ def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None, p
     teacher = None
     if cfg.teacher_backend == "hf":
         log.info("loading teacher %s (%s) and student %s (%s)", teacher_path, t_dtype, student_path, s_dtype)
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=t_dtype, **common).to(target)
+        teacher = _load(teacher_path, t_dtype, common, target, "teacher" in without_weights)
         teacher.eval().requires_grad_(False)
     else:
         log.info("loading student %s (%s); the teacher runs in %s", student_path, s_dtype, cfg.teacher_backend)
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=s_dtype, **common).to(target)
+    student = _load(student_path, s_dtype, common, target, "student" in without_weights)
     for model in (m for m in (teacher, student) if m is not None):
         neutralize_generation_defaults(model)
         head = model.get_output_embeddings()
@@ -178,6 +186,15 @@ def load_pair(cfg: ModelPairConfig, device: torch.device, before_weights=None, p
         teacher_path=cfg.teacher_url if served else teacher_path,
         student_path=student_path,
     )
+
+
+def _load(path: str, dtype: torch.dtype, common: dict, target: torch.device, empty: bool) -> nn.Module:
+    if not empty:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common).to(target)
+    kwargs = {k: v for k, v in common.items() if k != "revision"}
+    conf = AutoConfig.from_pretrained(path, revision=common["revision"], trust_remote_code=common["trust_remote_code"])
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(conf, dtype=dtype, **kwargs)
 
 
 def _disable_dropout(model: nn.Module) -> None:

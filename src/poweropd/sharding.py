@@ -77,9 +77,11 @@ def shard_student(scorer: nn.Module, device: torch.device, mixed_precision: str,
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
+    source = _main_weights(scorer.lm)
     for layer in decoder_layers(scorer.lm):
         fully_shard(layer, **kwargs)
     fully_shard(scorer, **kwargs)
+    _fill_from_main(scorer.lm, source, device)
     _init_root(scorer)
     return scorer
 
@@ -107,12 +109,41 @@ def shard_teacher(lm: nn.Module, device: torch.device) -> TeacherRoot:
     """Shard a frozen teacher: decoder layers, then a root that reshards after each forward
     (an FSDP root would otherwise keep its parameters gathered for a backward that never comes)."""
     mesh = _mesh(device)
+    source = _main_weights(lm)
     for layer in decoder_layers(lm):
         fully_shard(layer, mesh=mesh)
     root = TeacherRoot(lm)
     fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    _fill_from_main(lm, source, device)
     _init_root(root)
     return root
+
+
+def _main_weights(lm: nn.Module) -> dict | None:
+    """Before sharding: the main process's full weights (references, no copy), {} on the
+    others (whose models were built on the meta device: poweropd.models.load_pair), None
+    when there is one process (its model is whole already)."""
+    if dist.get_world_size() == 1:
+        return None
+    return dict(lm.state_dict()) if dist.get_rank() == 0 else {}
+
+
+def _fill_from_main(lm: nn.Module, source: dict | None, device: torch.device) -> None:
+    """After sharding: every process's shards from the main process's full weights, by
+    broadcast, so that only the main process ever read the checkpoint. Buffers that are not
+    in a state dict (the rotary inverse frequencies) are broadcast as they are."""
+    if source is None:
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in (*lm.parameters(), *lm.buffers())):
+        lm.to_empty(device=device)
+    set_model_state_dict(lm, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    source.clear()  # the broadcast leaves the main process's source tensors unusable: drop them
+    for buffer in lm.buffers():
+        if buffer.device != device:  # an offloaded or CPU-kept buffer: broadcast from where it lives
+            buffer.data = buffer.data.to(device)
+        dist.broadcast(buffer, src=0)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -765,7 +765,8 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     hook = open_remote if cfg.model_pair.teacher_backend != "hf" else None
     sharded = tc.parallel == "fsdp2"
     with acc.main_process_first():  # the main process builds the toy pair if needed; the others wait
-        pair = load_pair(cfg.model_pair, acc.device, before_weights=hook, place=not sharded)
+        elsewhere = _weights_elsewhere(cfg, acc)
+        pair = load_pair(cfg.model_pair, acc.device, before_weights=hook, place=not sharded, without_weights=elsewhere)
     if remote:
         teacher = remote[0]
     elif sharded and tc.fsdp.shard_teacher:
@@ -809,6 +810,16 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
     return Run(
         cfg, run_dir, acc, pair, scorer, optimizer, sampler, val, tracker, Grader(), engine, teacher, len(too_long)
     )
+
+
+def _weights_elsewhere(cfg: Config, acc: Accelerator) -> frozenset[str]:
+    """The models this process builds without reading their weights: under FSDP2 with several
+    processes, only the main process reads the student (and a sharded teacher); the others
+    receive their shards from it (poweropd.sharding)."""
+    tc = cfg.training
+    if tc.parallel != "fsdp2" or acc.num_processes == 1 or acc.is_main_process:
+        return frozenset()
+    return frozenset({"student", "teacher"} if tc.fsdp.shard_teacher else {"student"})
 
 
 def _loop(run: Run, wall_start: float) -> dict:

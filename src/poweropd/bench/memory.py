@@ -4,7 +4,8 @@
 The model (bytes per process; P = parameters, N = processes, c = the compute dtype's bytes:
 4 in fp32, 2 under bf16; the teacher's weights take its own dtype's bytes t):
 
-    student state   ddp: 16 P_s            fp32 master weights 4 + fp32 gradients 4 + AdamW m, v 8
+    student state   ddp: 16 P_s            fp32 master weights 4 + fp32 gradients 4 + AdamW m, v 8,
+                                           + 4 P_s at N > 1 (DDP's gradient buckets, a second copy)
                     fsdp2: 16 P_s / N      (training.fsdp.cpu_offload moves it to host memory)
     teacher         ddp: t P_t             frozen, no gradients, no optimizer state
                     fsdp2: t P_t / N
@@ -17,16 +18,19 @@ The model (bytes per process; P = parameters, N = processes, c = the compute dty
                     per token and student layer about 4 d + 5 q + 4 kv + 4 m values in c saved for
                     the backward (q = heads x head_dim, kv = kv_heads x head_dim, m = MLP width),
                     plus the lm-head kernels' fp32 [chunk, V] buffers (two).
-    loading         every process reads both full models into host memory before they are
-                    placed (ddp) or sharded (fsdp2): s P_s + t P_t, s the student's load dtype. A
-                    start-up peak of host memory, per process, under both.
+    loading         host memory at start-up: s P_s + t P_t (s the student's load dtype) in every
+                    process under ddp; under fsdp2 only in the main process, which reads both
+                    models and broadcasts each process its shards (the others build theirs on
+                    the meta device and read no weights).
 
 On a GPU the GPU's peak is the larger of the updating and generating phases; on a CPU, where
 everything is one RSS, the peak is the largest of the three. `--measure` runs the
-trainer's own setup and one update (poweropd.train) in fresh processes on random
+trainer's own setup and updates (poweropd.train) in fresh processes on random
 Qwen3-architecture models sized so that weights and optimizer state dominate, at 1 process
-(ddp) and 2 processes (ddp, fsdp2) over gloo, and sets each process's measured peak RSS above
-its RSS before any model loaded beside the model's prediction of the same phases.
+(ddp) and 2 processes (ddp, fsdp2) over gloo, two updates each (the second one generates with
+AdamW's state allocated), and sets each process's measured peak RSS above its RSS before any
+model loaded beside the model's peak. The workers run with a fixed glibc mmap threshold
+(MALLOC_MMAP_THRESHOLD_), so that memory torch has released leaves the RSS.
 
     python -m poweropd.bench memory                        # the table for the paper's pairs and 8B <- 32B
     python -m poweropd.bench memory --measure --cpu        # + the CPU check (about two minutes)
@@ -107,13 +111,15 @@ def predict(
     """Bytes per process by phase (see the module docstring)."""
     n = processes if parallel == "fsdp2" else 1
     state = 16 * student.total / n
+    if parallel == "ddp" and processes > 1:
+        state += 4 * student.total  # DDP's gradient buckets
     teacher_w = teacher_bytes * teacher.total / n
     gathered_update = gathered_scoring = gathered_generation = 0.0
     if parallel == "fsdp2":
         gathered_update = (compute + 4) * (student.root + 2 * student.layer)
         gathered_scoring = teacher_bytes * (teacher.root + 2 * teacher.layer)
         gathered_generation = compute * student.total
-    loading = student_load * student.total + teacher_bytes * teacher.total
+    loading = student_load * student.total + teacher_bytes * teacher.total  # the main process's
     update = state + teacher_w + max(gathered_update + activations, gathered_scoring)
     generate = state + teacher_w + gathered_generation
     return {
@@ -146,7 +152,7 @@ def model_rows(processes: list[int], tokens: int, chunk: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
-# The CPU check: the trainer's own setup and one update, peak RSS per process
+# The CPU check: the trainer's own setup and two updates, peak RSS per process
 
 MEASURE_TEACHER = Arch(1024, 12, 3072, 16, 4, 64, 128)  # 152M parameters
 MEASURE_STUDENT = Arch(768, 12, 2048, 12, 4, 64, 128)  # 73M parameters
@@ -166,7 +172,7 @@ def _save_random(arch: Arch, folder: Path, seed: int) -> None:
 
 
 def measure_worker(teacher: str, student: str, parallel: str, out: str) -> None:
-    """One process of the check (run under torchrun for 2): setup, one update, peak RSS."""
+    """One process of the check (run under torchrun for 2): setup, two updates, peak RSS."""
     import torch
 
     from poweropd.bench.common import peak_rss_bytes, rss_now_bytes
@@ -185,9 +191,10 @@ def measure_worker(teacher: str, student: str, parallel: str, out: str) -> None:
     acc = make_accelerator(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         run = setup_run(cfg, Path(tmp) / "run", acc)
-        rows = run.sampler.next_batch(cfg.training.batch_size // acc.num_processes)
-        rollouts = sample_rollouts(run, rows, training_sampling(cfg.training))
-        metrics, _ = opd_update(run, rollouts)
+        for _ in range(2):  # the second update generates and updates with AdamW's state allocated
+            rows = run.sampler.next_batch(cfg.training.batch_size // acc.num_processes)
+            rollouts = sample_rollouts(run, rows, training_sampling(cfg.training))
+            metrics, _ = opd_update(run, rollouts)
         run.grader.close()
     result = {"rank": acc.process_index, "base_gb": base / GIB, "peak_gb": peak_rss_bytes() / GIB}
     result["tokens"] = int(rollouts.attention_mask_BS.sum())
@@ -224,7 +231,9 @@ def measure_rows() -> list[dict]:
                 sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", _free_port(),
             ]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            # A fixed mmap threshold: glibc's adaptive one keeps freed all-gather buffers in the heap,
+            # and the RSS high-water mark would then count memory torch has already released.
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
             cmd = [*launch, str(script), str(root / "teacher"), str(root / "student"), parallel, str(out)]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
@@ -274,7 +283,7 @@ def table(rows: list[dict]) -> str:
     lines = [
         "Predicted GiB per process on GPUs (bf16 compute and teacher, fp32 master weights + AdamW):",
         "",
-        "| pair | N | parallel | student state | teacher | gathered | activations | GPU peak | host, loading |",
+        "| pair | N | parallel | student state | teacher | gathered | activations | GPU peak | host at load (main) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in model:
@@ -287,7 +296,7 @@ def table(rows: list[dict]) -> str:
     if measured:
         lines += [
             "",
-            "CPU check (fp32, 152M teacher, 73M student, one update): peak RSS above the RSS before any model",
+            "CPU check (fp32, 152M teacher, 73M student, two updates): peak RSS above the RSS before any model",
             "loaded, per process, against the model's peak:",
             "",
             "| N | parallel | rank | measured GiB | model GiB | measured / model |",
