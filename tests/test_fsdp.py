@@ -142,3 +142,48 @@ def test_fp16_under_fsdp2_is_refused_in_one_line():
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="training.parallel='zero3' is not valid; choose one of: ddp, fsdp2"):
         TrainingConfig(parallel="zero3")
+
+
+@pytest.mark.vllm
+def test_vllm_rollouts_under_fsdp2_use_one_external_launcher_engine_per_process(tmp_path, toy_cache):
+    pytest.importorskip("vllm")
+    run_dir = tmp_path / "run"
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", *FSDP2]
+    overrides += ["training.steps=2", "training.save_every=0", "training.rollout_engine=vllm"]
+    overrides += ["training.vllm.kv_cache_gib=0.25"]
+    proc = _launch(run_dir, overrides)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert out.count("vllm engine (external_launcher executor) synced") == 2  # one engine on each process
+    for row in _metrics(run_dir)[1:]:
+        # each engine was given the gathered student after every update: the gap is rounding only
+        assert row["engine/logprob_gap_max"] < 1e-3 and row["engine/sync_s"] >= 0
+
+
+def test_a_job_with_two_tasks_is_one_two_process_fsdp2_run(tmp_path, toy_cache):
+    """What hydra/launcher=slurm_multinode does on a cluster, with submitit's local executor:
+    one job, two tasks, no torchrun; the tasks find each other from the job's environment."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "run.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"]
+    cmd += [f"hydra.sweep.dir={sweep}", *MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", *FSDP2]
+    cmd += ["training.steps=2", "training.save_every=0", "training.cpu_threads=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = list(sweep.rglob("summary.json"))
+    assert len(summaries) == 1  # both tasks wrote one run directory
+    summary = json.loads(summaries[0].read_text())
+    assert summary["status"] == "finished" and summary["processes"] == 2 and summary["steps"] == 2
+    logs = "".join(p.read_text() for p in [*sweep.rglob("*_log.err"), *sweep.rglob("run.log")])
+    assert "job task 0 of 2" in logs and "job task 1 of 2" in logs
+
+
+def test_the_multinode_slurm_launcher_starts_one_task_per_gpu_on_each_node(monkeypatch):
+    from conftest import CONF_DIR
+    from test_sweeps import compose_from
+
+    monkeypatch.chdir(ROOT)
+    launcher = compose_from(CONF_DIR, "config", ["hydra/launcher=slurm_multinode"]).hydra.launcher
+    assert launcher.nodes == 2 and launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeued, resumed from a checkpoint
+    assert launcher._target_.endswith("SlurmLauncher")

@@ -30,6 +30,7 @@ def make_engine(
     trust_remote_code: bool = False,
     vllm: VLLMConfig | None = None,
     sleep: bool | None = None,
+    launched: bool = False,
 ) -> RolloutEngine:
     """The engine `kind` ("hf" | "vllm").
 
@@ -37,7 +38,9 @@ def make_engine(
           inside `autocast()` when given (the trainer's mixed precision).
     vllm: loads `model_path` in `dtype` with the `vllm` section's memory settings and
           copies `model`'s weights in when given; `sleep` (default: the section's) frees
-          its GPU memory while the trainer updates."""
+          its GPU memory while the trainer updates; `launched`: this process is one of
+          several started by torchrun (or another launcher), and its engine joins them as
+          vLLM's external launcher expects (one engine per process, on its own device)."""
     if kind == "hf":
         if model is None:
             raise ValueError("the hf engine generates with an in-memory model; pass model=")
@@ -56,5 +59,6 @@ def make_engine(
             trust_remote_code=trust_remote_code,
             options=options,
             sleep=options.sleep if sleep is None else sleep,
+            launched=launched,
         )
     raise ConfigError(f"unknown generation engine {kind!r}; valid: {', '.join(ROLLOUT_ENGINES)}")

@@ -454,6 +454,7 @@ def build_engine(cfg: Config, pair: ModelPair, acc: Accelerator, sharded_root=No
         seed=cfg.seed + acc.process_index,
         trust_remote_code=cfg.model_pair.trust_remote_code,
         vllm=tc.vllm,
+        launched=acc.num_processes > 1,
     )
 
 
@@ -834,7 +835,8 @@ def _loop(run: Run, wall_start: float) -> dict:
         discarded = tracker.rewind(start_step)
         log.info("resumed from %s (step %d of %d)", checkpoint, start_step, tc.steps)
     if run.engine.name != "hf":  # the engine starts from the checkpoint the student was loaded from
-        log.info("%s engine synced with the student in %.2f s", run.engine.name, sync_engine(run))
+        seconds, executor = sync_engine(run), getattr(run.engine, "executor", "")
+        log.info("%s engine (%s executor) synced with the student in %.2f s", run.engine.name, executor, seconds)
     if resumed is None:
         tracker.start_fresh()
         if acc.is_main_process:

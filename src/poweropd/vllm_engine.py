@@ -146,9 +146,14 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         options=None,
         sleep: bool = False,
+        launched: bool = False,
     ):
         """An engine on the checkpoint at `model_path`, synced with `model` when given.
-        `options`: a VLLMConfig (memory, compilation, context length; its defaults if None)."""
+        `options`: a VLLMConfig (memory, compilation, context length; its defaults if None).
+        `launched`: one of several trainer processes (torchrun): the engine uses vLLM's
+        external-launcher executor, as TRL's colocated mode does, so that it is built on this
+        process's own device (LOCAL_RANK) and on the trainer's process group, each process
+        generating its own prompts with tensor parallel size 1."""
         vllm = import_vllm()
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         on_cuda = torch.cuda.is_available()
@@ -162,6 +167,9 @@ class VLLMEngine:
             disable_log_stats=True,
             **memory_options(options or VLLMConfig(), on_cuda),
         )
+        if launched:
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+        self.executor = kwargs.get("distributed_executor_backend", "uni")
         self.sleep_enabled = bool(sleep and on_cuda)
         if sleep and not on_cuda:
             log.info("vLLM sleep mode needs CUDA; the engine stays awake on this CPU")
