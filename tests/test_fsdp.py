@@ -187,3 +187,54 @@ def test_the_multinode_slurm_launcher_starts_one_task_per_gpu_on_each_node(monke
     assert launcher.nodes == 2 and launcher.tasks_per_node == launcher.gpus_per_node == 8
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeued, resumed from a checkpoint
     assert launcher._target_.endswith("SlurmLauncher")
+
+
+# ----------------------------------------------------------------------------------------
+# GPU-only (python -m pytest -m gpu): NCCL, bf16 memory, one vLLM engine per GPU. Not run on
+# this project's CPU machines; they skip with a reason where the GPUs are missing.
+
+
+def _gpus(n: int):
+    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA devices")
+
+
+EXACT_GPU = ["training.mixed_precision=no", "model_pair.teacher_dtype=float32"]  # fp32 everywhere: comparable
+
+
+@pytest.mark.gpu
+@_gpus(2)
+def test_fsdp2_over_nccl_makes_the_update_of_one_gpu(tmp_path, toy_cache):
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=power", *EXACT_GPU]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, "tests/dp_update_check.py", str(one), *overrides])
+    two_processes(two, [*overrides, *FSDP2])
+    a, b = torch.load(one), torch.load(two)
+    assert a["metrics"]["n_tokens"] == b["metrics"]["n_tokens"] > 0
+    assert largest_difference(a, b) < 1e-4
+
+
+@pytest.mark.gpu
+@_gpus(1)
+def test_fsdp2_bf16_on_one_gpu_keeps_fp32_master_weights(tmp_path, toy_cache):
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", *FSDP2]
+    out = tmp_path / "bf16.pt"
+    _run([sys.executable, "tests/dp_update_check.py", str(out), *overrides, "training.mixed_precision=bf16"])
+    result = torch.load(out)
+    assert result["metrics"]["grad_norm"] > 0
+    assert all(v.dtype == torch.float32 for v in result["params"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@_gpus(2)
+def test_vllm_under_fsdp2_on_two_gpus_runs_one_engine_per_gpu(tmp_path, toy_cache):
+    pytest.importorskip("vllm")
+    run_dir = tmp_path / "run"
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", *FSDP2, *EXACT_GPU]
+    overrides += ["training.steps=2", "training.save_every=0", "training.rollout_engine=vllm"]
+    overrides += ["training.vllm.gpu_memory_utilization=0.2"]
+    proc = _launch(run_dir, overrides)
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("vllm engine (external_launcher executor) synced") == 2
+    assert all(row["engine/logprob_gap_max"] < 1e-2 for row in _metrics(run_dir)[1:])
