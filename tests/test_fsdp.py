@@ -238,3 +238,16 @@ def test_vllm_under_fsdp2_on_two_gpus_runs_one_engine_per_gpu(tmp_path, toy_cach
     assert proc.returncode == 0, out[-3000:]
     assert out.count("vllm engine (external_launcher executor) synced") == 2
     assert all(row["engine/logprob_gap_max"] < 1e-2 for row in _metrics(run_dir)[1:])
+
+
+def test_an_in_process_vllm_teacher_under_several_processes_is_refused_in_one_line(tmp_path, toy_cache):
+    """Each process would build its own engine inside a barrier the others wait at (it hung
+    when tried): refused before any model loads, naming the served teacher instead."""
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "run.py", *MICRO_PAIR, *MICRO_TRAINING]
+    cmd += [f"model_pair.cache_dir={toy_cache}", "model_pair.teacher_backend=vllm", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = {line for line in done.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "teacher_backend=server" in errors.pop()  # the same line from both processes
+    assert not (tmp_path / "run").exists()

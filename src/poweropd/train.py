@@ -717,6 +717,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"training.batch_size={tc.batch_size} must split evenly over {acc.num_processes} process(es) "
             f"into whole prompts of training.rollouts_per_prompt={tc.rollouts_per_prompt} rollouts"
         )
+    if cfg.model_pair.teacher_backend == "vllm" and acc.num_processes > 1:
+        raise ConfigError(
+            f"model_pair.teacher_backend=vllm builds one teacher engine inside one trainer process, not in each of "
+            f"{acc.num_processes}; serve the teacher once for all of them (python -m poweropd.serve teacher, then "
+            "model_pair.teacher_backend=server) or keep it in the trainer (hf; training.parallel=fsdp2 shards it)"
+        )
     if tc.rollout_engine == "vllm" and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise ConfigError(
             f"training.rollout_engine=vllm syncs full weights from each process, which {acc.distributed_type.name} "
