@@ -5,7 +5,10 @@ tests/test_data_parallel.py, not a test itself):
     torchrun --nproc_per_node 2 tests/dp_update_check.py OUT.pt <overrides>      # two, gloo on CPU
 
 Every process samples the same global batch (same seed), keeps its own slice, and runs the
-trainer's own opd_update; the main process writes the updated student's parameters to OUT.pt.
+trainer's own opd_update twice on it (a first AdamW step moves every weight by about the
+learning rate whatever its gradient; the second one depends on the gradients' sizes); the
+main process writes the updated student's parameters and the second update's metrics to
+OUT.pt.
 Data parallelism (and FSDP2: training.parallel=fsdp2) is right when both commands write the
 same parameters.
 """
@@ -39,7 +42,8 @@ def main(out: str, overrides: list[str]) -> None:
             rollouts = sample_rollouts(run, rows, training_sampling(cfg.training))
         share = cfg.training.batch_size // acc.num_processes
         mine = rollouts.select(slice(acc.process_index * share, (acc.process_index + 1) * share))
-        metrics, _ = opd_update(run, mine)
+        for _ in range(2):
+            metrics, _ = opd_update(run, mine)
         acc.wait_for_everyone()
         if run.sharded:  # gathered from every process's shards (a collective)
             params = full_state_dict(run.student)

@@ -27,7 +27,7 @@ FSDP2 = ["training.parallel=fsdp2"]
     "reward, extra",
     [
         ("vanilla", []),  # a sampled-token reward
-        ("zscore", []),  # batch moments from a no-grad pre-pass of the sharded student
+        ("zscore", ["training.gradient_checkpointing=true"]),  # moments from a no-grad pass; recomputed layers
         ("full_vocab", []),  # the teacher's lm-head gathered from its shards into the student's kernel
         ("power", ["training.fsdp.shard_teacher=false", "training.fsdp.cpu_offload=true"]),
     ],
@@ -114,6 +114,8 @@ def test_fsdp2_resumes_bit_exactly_after_sigkill_and_leaves_a_loadable_student(t
     assert summary["status"] == "finished" and summary["resumed_from_step"] == 2 and summary["processes"] == 2
     a, b = _metrics(straight), _metrics(killed)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for name in ("reward_dump.npz", "positions.jsonl", "samples.jsonl"):  # written by the main process
+        assert (straight / name).stat().st_size > 0, name
     for ra, rb in zip(a, b):
         assert {k: ra.get(k) for k in UPDATE_KEYS} == {k: rb.get(k) for k in UPDATE_KEYS}, ra["step"]
 

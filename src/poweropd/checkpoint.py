@@ -51,6 +51,7 @@ LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 IN_USE = ".in_use"
 SHARDED_OPTIMIZER = "optimizer_dcp"  # state/ of an FSDP2 checkpoint
+ONE_FILE = "10000GB"  # save_pretrained's shard limit: the student is always one model.safetensors
 
 
 def checkpoint_name(step: int) -> str:
@@ -156,6 +157,10 @@ def resume_from_newest(run_dir: Path, accelerator, state, allow_inexact: bool = 
             reason = f"no {', '.join(missing)} (not an exact resume; training.allow_inexact_resume=true accepts it)"
         reason = reason or _rng_unreadable(path, accelerator.process_index, allow_inexact)
         trainer_state = None
+        # Every process agrees before loading (an FSDP2 load is a collective), and again after.
+        if any_process(accelerator, reason is not None):
+            skipped.append(f"{path.name}: {reason or 'not usable on another process'}")
+            continue
         if reason is None:
             try:
                 trainer_state = load_checkpoint(path, state)
@@ -306,7 +311,7 @@ class AccelerateState:
 
     def save_student(self, folder: Path) -> None:
         if self.accelerator.is_main_process:
-            self.lm.save_pretrained(folder, safe_serialization=True)
+            self.lm.save_pretrained(folder, safe_serialization=True, max_shard_size=ONE_FILE)
 
     def save_state(self, folder: Path) -> None:
         self.accelerator.save_state(str(folder))
@@ -329,7 +334,7 @@ class ShardedState:
 
         weights = full_state_dict(self.lm)  # every process gathers, the main one receives
         if self.accelerator.is_main_process:
-            self.lm.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+            self.lm.save_pretrained(folder, state_dict=weights, safe_serialization=True, max_shard_size=ONE_FILE)
 
     def save_state(self, folder: Path) -> None:
         from poweropd.sharding import save_optimizer

@@ -56,7 +56,6 @@ def generate(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Rollouts:
     """Sample one completion per prompt (repeat prompts for several rollouts each)."""
-    device = next(model.parameters()).device
     gen_cfg = generation_config(params, stop_ids, pad_id)
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     width = ids_BP.shape[1]
@@ -66,6 +65,8 @@ def generate(
     model.eval()
     try:
         with (autocast or contextlib.nullcontext)():
+            # inside the context: a sharded student's gathered weights are on the compute device
+            device = next(model.parameters()).device
             for start in range(0, len(prompts), step):
                 rows = slice(start, start + step)
                 out = model.generate(
@@ -93,7 +94,7 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
         return generate(self.model, prompts, params, self.stop_ids, self.pad_id, self.batch_size, self.autocast)
 
-    def sync(self, model, weights: dict | None = None) -> float:
+    def sync(self, model, weights=None) -> float:
         started = time.perf_counter()
         self.model = model
         return time.perf_counter() - started

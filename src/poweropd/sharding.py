@@ -5,10 +5,11 @@ What is sharded, and how (docs/parallel.md has the memory model):
 - The student: every decoder layer is one FSDP unit, and the `StudentScorer` wrapping it is
   the root unit. The root owns what is left (embeddings, final norm, lm-head; one tensor when
   they are tied), so the lm-head weight the chunked loss kernels read is the root's gathered
-  parameter for the whole forward and backward of a micro-batch: the kernels see a plain
-  tensor, and its gradient is reduce-scattered with the rest. Gradients are reduce-scattered
-  after every micro-batch (sharded accumulation, no full-size gradient buffer), averaged
-  over processes, which the trainer's loss weights undo exactly as under DDP.
+  parameter for the whole forward and backward of a micro-batch (resharded after the
+  backward): the kernels see a plain tensor, and its gradient is reduce-scattered with the
+  rest. Gradients are reduce-scattered after every micro-batch (sharded accumulation, no
+  full-size gradient buffer), averaged over processes, which the trainer's loss weights
+  undo exactly as under DDP.
 - AdamW holds DTensor shards, so its state is sharded too. `training.mixed_precision=bf16`
   becomes a MixedPrecisionPolicy (bf16 all-gathers and compute, fp32 master weights and fp32
   gradient reduction) instead of autocast; `training.fsdp.cpu_offload` keeps shards,
@@ -16,7 +17,8 @@ What is sharded, and how (docs/parallel.md has the memory model):
 - An in-process teacher (model_pair.teacher_backend=hf, training.fsdp.shard_teacher): its
   decoder layers are units under a frozen root that reshards after every forward. For the
   vocabulary objectives, which multiply the teacher's lm-head inside the student's kernels,
-  the teacher head is gathered once per update and dropped with it.
+  the teacher head is gathered once per update and released when the update's losses are
+  formed (HFTeacher.release).
 - Generation (the hf engine, validation, the reward dump) runs on the gathered student:
   `gathered_for_generation` all-gathers every unit once and keeps it gathered for the whole
   `generate`, so no collective runs per token and processes may finish at different steps.
@@ -208,6 +210,15 @@ def gathered_for_generation(root: nn.Module):
 # State dicts and checkpoints
 
 
+def full_tensors(lm: nn.Module, dtype: torch.dtype | None = None):
+    """(name, full tensor) of the student's state dict, gathered one tensor at a time on every
+    process, in `dtype` when given: a colocated engine's weight sync holds one gathered
+    tensor at a time, not the whole fp32 student. Every process must consume it in order."""
+    for name, tensor in lm.state_dict().items():
+        full = full_tensor(tensor)
+        yield name, full if dtype is None or not full.is_floating_point() else full.to(dtype)
+
+
 def full_state_dict(lm: nn.Module, everywhere: bool = False) -> dict:
     """The student's full state dict, gathered: on the main process only (on the CPU), or on
     every process (`everywhere`, on the process's device: a colocated engine's weight sync)."""
@@ -224,14 +235,22 @@ def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state: dict = {}
+    problem = ""
     if path is not None:
-        state = load_file(str(Path(path) / "model.safetensors"))
-        for key in lm.state_dict():  # save_pretrained drops tied copies (lm_head.weight)
-            if key not in state:
-                source = _tied_source(lm, key)
-                if source is None or source not in state:
-                    raise KeyError(f"{path} has no weight {key}")
-                state[key] = state[source]
+        try:
+            state = load_file(str(Path(path) / "model.safetensors"))
+            for key in lm.state_dict():  # save_pretrained drops tied copies (lm_head.weight)
+                if key not in state:
+                    source = _tied_source(lm, key)
+                    if source is None or source not in state:
+                        raise KeyError(f"{path} has no weight {key}")
+                    state[key] = state[source]
+        except Exception as exc:  # noqa: BLE001 - told to every process below, then raised on each
+            problem = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+    told = [problem]
+    dist.broadcast_object_list(told, src=0)  # the others must not wait in a broadcast that never comes
+    if told[0]:
+        raise RuntimeError(f"the main process could not read the student ({told[0]})")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(lm, state, options=options)
 
@@ -252,7 +271,12 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+    stepped = bool(optimizer.state)
+    # torch fills an empty optimizer's state with a zero-gradient, lr-0 step to describe it;
+    # an optimizer that never stepped (every update so far skipped) must stay unstepped.
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer), "stepped": stepped}, checkpoint_id=str(folder))
+    if not stepped:
+        optimizer.state.clear()
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -260,6 +284,8 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer), "stepped": True}
     dcp.load(state, checkpoint_id=str(folder))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if not state["stepped"]:
+        optimizer.state.clear()

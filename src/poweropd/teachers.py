@@ -136,6 +136,10 @@ class HFTeacher:
         out, self.seconds = {"teacher/seconds": self.seconds}, 0.0
         return out
 
+    def release(self) -> None:
+        """The update no longer needs the gathered head: free it before generation."""
+        self._gathered_head = None
+
     def close(self) -> None:
         pass
 
@@ -149,6 +153,9 @@ class PromptLogprobTeacher:
 
     def __init__(self):
         self.seconds, self.tokens = 0.0, 0
+
+    def release(self) -> None:
+        pass
 
     def score(self, need: str, micro_inputs: list[tuple], chunk: int, k: int = 0) -> list[TeacherOut]:
         if need == "hidden":  # the config refuses this combination; a direct caller gets told too

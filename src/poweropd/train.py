@@ -151,15 +151,16 @@ def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
 
 
 def sync_engine(run: Run) -> float:
-    """Copy the student's weights into the rollout engine; a sharded student's are gathered
-    on every process first (each process's engine holds a full copy)."""
+    """Copy the student's weights into the rollout engine. A sharded student's are gathered on
+    every process one tensor at a time as the engine loads them (each process's engine holds
+    a full copy; the trainer never holds the whole gathered student)."""
     if not run.sharded:
         return run.engine.sync(run.student)
-    from poweropd.sharding import full_state_dict
+    from poweropd.models import DTYPES
+    from poweropd.sharding import full_tensors
 
-    started = time.perf_counter()
-    weights = full_state_dict(run.student, everywhere=True)
-    return run.engine.sync(run.student, weights) + (time.perf_counter() - started)
+    dtype = DTYPES.get(getattr(run.engine, "dtype", ""), None)  # gathered in the engine's own dtype
+    return run.engine.sync(run.student, full_tensors(run.student, dtype))
 
 
 def opd_update(
@@ -222,6 +223,7 @@ def opd_update(
             acc.backward(out.loss)
         outs.append(out)
         positions.append(torch.nonzero(m_BT)[:, 1])
+    run.teacher.release()  # a sharded teacher's gathered lm-head is no longer needed
     clock.lap("student")
 
     # 4. Clip (logging the norm before clipping) and step, unless something is non-finite: a
@@ -665,11 +667,11 @@ def _train(cfg: Config, run_dir: Path, acc: Accelerator, wall_start: float) -> d
 
 
 def join_job_tasks() -> None:
-    """A SLURM (or submitit) job with several tasks, started without torchrun
-    (hydra/launcher=slurm_multinode: tasks_per_node processes on each of `nodes` nodes, or
-    `srun python run.py`): each task is one trainer process. It gets the torch.distributed
-    variables torchrun would have set (rank, world size, local rank, the first node as
-    master), from the job's own environment; under torchrun or accelerate nothing changes."""
+    """A submitit job with several tasks, started without torchrun
+    (hydra/launcher=slurm_multinode: tasks_per_node processes on each of `nodes` nodes): each
+    task is one trainer process. It gets the torch.distributed variables torchrun would have
+    set (rank, world size, local rank, the first node as master) from the job's environment
+    (submitit's TorchDistributedEnvironment); under torchrun or accelerate nothing changes."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     try:
@@ -680,7 +682,8 @@ def join_job_tasks() -> None:
     except (ImportError, RuntimeError):  # not inside a job
         return
     if tasks > 1:
-        found = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # accelerate picks the GPU
+        # accelerate picks the GPU; variables already set (a MASTER_ADDR of the shell) yield to the job's
+        found = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         log.info("job task %d of %d (master %s:%d)", found.rank, found.world_size, found.master_addr, found.master_port)
 
 
@@ -708,6 +711,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     refuse_ignored_sharding()
     # Under FSDP2 the precision is FSDP's MixedPrecisionPolicy (poweropd.sharding), not autocast.
     precision = "no" if tc.parallel == "fsdp2" else _mixed_precision(tc.mixed_precision)
+    if tc.parallel == "fsdp2" and tc.fsdp.cpu_offload and torch.cuda.is_available() and "WORLD_SIZE" in os.environ:
+        # Offloaded shards and gradients are CPU tensors: clipping reduces them, which NCCL cannot.
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("cuda:nccl,cpu:gloo")
     acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     if tc.parallel == "fsdp2":
         ensure_process_group(acc)
@@ -764,6 +774,11 @@ def setup_run(cfg: Config, run_dir: Path, acc: Accelerator | None = None) -> Run
 
     rows = train_rows(tc.train_data, tc.data_dir)
     val = val_rows(tc.val_data, tc.val_size, tc.data_dir)
+    if 0 < len(val) < acc.num_processes:  # a process without a problem would miss the others' collectives
+        raise ConfigError(
+            f"{len(val)} validation problem(s) for {acc.num_processes} processes: every process validates its "
+            "share; raise training.val_size or set training.val_data=none"
+        )
     remote = []  # a vllm / server teacher, opened (and checked) before any weights load
 
     def open_remote(tokenizer, teacher_path, student_path):

@@ -156,6 +156,7 @@ class VLLMEngine:
         generating its own prompts with tensor parallel size 1."""
         vllm = import_vllm()
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        self.dtype = dtype
         on_cuda = torch.cuda.is_available()
         kwargs = dict(
             model=model_path,
@@ -233,12 +234,13 @@ class VLLMEngine:
     # -- weights and memory -----------------------------------------------------------
 
     @torch.no_grad()
-    def sync(self, model, weights: dict | None = None) -> float:
-        """Copy `model`'s weights (or `weights`, its full state dict when the model itself is
-        sharded) into the engine, in place; returns seconds taken."""
+    def sync(self, model, weights=None) -> float:
+        """Copy `model`'s weights into the engine, in place; returns seconds taken. `weights`:
+        (name, tensor) pairs to load instead, e.g. a sharded model's full tensors gathered one
+        at a time as the engine reads them (poweropd.sharding.full_tensors)."""
         started = time.perf_counter()
         self.wake()
-        weights = list((model.state_dict() if weights is None else weights).items())
+        weights = list(model.state_dict().items()) if weights is None else weights
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()  # KV blocks of the old weights must not be reused
         return time.perf_counter() - started
