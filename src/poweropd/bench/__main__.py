@@ -1,4 +1,4 @@
-"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling,teacher,memory} [options]"""
+"""python -m poweropd.bench {kernels,step,overhead,rollout,scaling,teacher,memory,device} [options]"""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from poweropd.bench import common, kernels, memory, overhead, rollout, step, teacher
+from poweropd.bench import device as device_check
 
 BENCHMARKS = {
     "kernels": (
@@ -56,6 +57,13 @@ BENCHMARKS = {
         memory.table,
         memory.describe,
         "memory per process: DDP vs FSDP2 (a model, checked against RSS with --measure)",
+    ),
+    "device": (
+        device_check.add_arguments,
+        device_check.run,
+        device_check.table,
+        device_check.describe,
+        "the device check: kernels in bf16, one paper-shaped update, rollouts, served teacher",
     ),
 }
 ALIASES = {"logprobs": "kernels"}  # the first benchmark's old name

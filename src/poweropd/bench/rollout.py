@@ -86,8 +86,8 @@ def measure(
     student.eval().requires_grad_(False)
     started = time.perf_counter()
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
-    model = student if engine == "hf" else None  # vLLM loads the saved folder
-    eng = make_engine(engine, stop_ids=stop_ids, pad_id=pad_id, model=model, model_path=folder, dtype=dtype, seed=0)
+    in_memory = student if engine == "hf" else None  # vLLM loads the saved folder
+    eng = make_engine(engine, stop_ids=stop_ids, pad_id=pad_id, model=in_memory, model_path=folder, dtype=dtype, seed=0)
     startup = time.perf_counter() - started
     sampling = SamplingParams(max_new_tokens, temperature=1.0)
 
