@@ -311,3 +311,44 @@ def test_one_update_at_the_papers_shapes_checkpoints_resumes_and_exports(tmp_pat
     (tmp_path / "memory.json").write_text(json.dumps(record))
     print(record)
     assert 0.5 < record["measured_peak_rss_gb"] / record["model_peak_gb"] < 2.0
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared benchmark files are not on this machine")
+def test_qwen3_format_responses_are_graded_on_every_benchmark_format(instruct):
+    """A response as a Qwen3 model writes it (the empty think block, reasoning, a boxed answer),
+    through the tokenizer and back as the harness decodes it, graded against each benchmark's
+    own gold answers: right when it holds the answer, wrong when it holds another."""
+    from poweropd.benchmarks import load_benchmark
+    from poweropd.grading import Grader
+
+    grader = Grader()
+    try:
+        for name in BENCHMARKS:
+            rows = load_benchmark(name, str(SHARED_DATA))[:4]
+            items = []
+            for row in rows:
+                for answer in (row["answer"], "123456789"):
+                    text = f"<think>\n\n</think>\n\nStep by step.\n\nThe answer is $\\boxed{{{answer}}}$."
+                    decoded = instruct.decode(instruct.encode(text, add_special_tokens=False), skip_special_tokens=True)
+                    items.append((decoded, row["answer"], row))
+            verdicts = [g.correct for g in grader.grade_many(items)]
+            assert verdicts[0::2] == [True] * len(rows), name
+            assert verdicts[1::2] == [False] * len(rows), name
+    finally:
+        grader.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared benchmark files are not on this machine")
+def test_evaluate_runs_the_seven_benchmarks_on_a_local_qwen3_student(tmp_path, qwen3_pair):
+    teacher, student = qwen3_pair
+    cmd = [sys.executable, "evaluate.py", "model_pair=custom", f"model_pair.teacher={teacher}"]
+    cmd += [f"model_pair.student={student}", "model=student", f"eval.data_dir={SHARED_DATA}", "eval.limit=2"]
+    cmd += ["eval.n=1", "eval.max_new_tokens=8", f"output_root={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = list(tmp_path.rglob("math7.json"))
+    report = json.loads(result.read_text())
+    text = json.dumps(report)
+    assert all(name in text for name in BENCHMARKS)
