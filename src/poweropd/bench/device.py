@@ -22,8 +22,6 @@ saying why, and the others still run):
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import torch
@@ -166,12 +164,11 @@ def _part_rollout(args, device: str, s: dict) -> list[dict]:
 
 
 def _part_teacher(args, device: str, s: dict) -> list[dict]:
-    from poweropd.bench.teacher import process_tree_peak_gb, save_teacher, start_server
+    from poweropd.bench.teacher import measure_backend, save_teacher
 
     folder = save_teacher(s["teacher_shapes"], device)
     rows = []
     for backend in ("hf", "server"):
-        server = None
         kwargs = dict(
             backend=backend,
             shapes=s["teacher_shapes"],
@@ -186,17 +183,9 @@ def _part_teacher(args, device: str, s: dict) -> list[dict]:
             device=device,
         )
         try:
-            if backend == "server":
-                server = start_server(folder, args.port, device)
-            row = run_isolated("poweropd.bench.teacher:measure", kwargs)
-            if server is not None:
-                row["server_peak_rss_gb"] = process_tree_peak_gb(server.pid)
+            row = measure_backend(kwargs, args.port)
         except Exception as exc:  # noqa: BLE001 - a server that did not start is a row saying so
             row = {"skipped": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-        finally:
-            if server is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
         rows.append({"part": "teacher", **row, "backend": backend})
     return rows
 

@@ -183,13 +183,11 @@ def describe(args, device: str) -> str:
 
 
 def run(args, device: str) -> list[dict]:
-    from poweropd.bench.common import run_isolated
 
     shapes = _shapes(args, device)
     folder = save_teacher(shapes, device)
     rows = []
     for backend in args.backends:
-        server = start_server(folder, args.port, device) if backend == "server" else None
         kwargs = dict(
             backend=backend,
             shapes=shapes,
@@ -203,17 +201,27 @@ def run(args, device: str) -> list[dict]:
             threads=args.threads,
             device=device,
         )
-        try:
-            row = run_isolated("poweropd.bench.teacher:measure", kwargs)
-            if server is not None:
-                row["server_peak_rss_gb"] = process_tree_peak_gb(server.pid)
-        finally:
-            if server is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        row = measure_backend(kwargs, args.port)
         print(f"{backend}: {row}"[:300], flush=True)
         rows.append(row)
     return rows
+
+
+def measure_backend(kwargs: dict, port: int) -> dict:
+    """`measure(**kwargs)` in its own process; for the server backend, with a server started
+    on `port` for it (its process tree's peak RSS added) and killed afterwards."""
+    from poweropd.bench.common import run_isolated
+
+    server = start_server(kwargs["folder"], port, kwargs["device"]) if kwargs["backend"] == "server" else None
+    try:
+        row = run_isolated("poweropd.bench.teacher:measure", kwargs)
+        if server is not None:
+            row["server_peak_rss_gb"] = process_tree_peak_gb(server.pid)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    return row
 
 
 def table(rows: list[dict]) -> str:
