@@ -232,5 +232,8 @@ def test_the_memory_model_shards_state_and_teacher_over_fsdp2_processes():
 @pytest.mark.e2e
 def test_memory_benchmark_prints_the_table_of_the_papers_pairs(tmp_path):
     result = bench(tmp_path, "memory", "--processes", "2")
-    pairs = {(r["pair"], r["parallel"]) for r in result["rows"]}
+    pairs = {(r["pair"], r["parallel"]) for r in result["rows"] if r["kind"] == "model"}
     assert ("8b_from_32b", "fsdp2") in pairs and ("qwen3_4b_0.6b", "ddp") in pairs and len(pairs) == 10
+    disk = {r["student"]: r for r in result["rows"] if r["kind"] == "disk"}
+    assert set(disk) == {"Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B-Base"}
+    assert disk["Qwen/Qwen3-0.6B-Base"]["checkpoint_gb"] == pytest.approx(12 * 0.596e9 / 1e9, rel=0.01)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import MICRO_PAIR, MICRO_TRAINING, ROOT, make_config
 
 from poweropd.checkpoint import _prune, checkpoint_in_use, step_checkpoints
@@ -48,6 +49,7 @@ def killed_run(tmp_path_factory, toy_cache):
     shutil.rmtree(run_dir / "student")
     (run_dir / "summary.json").unlink()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run_dir.parent / "uninterrupted.jsonl").write_text("".join(lines))
     (run_dir / "metrics.jsonl").write_text("".join(lines[:6]))  # steps 0..5
     assert [p.name for p in step_checkpoints(run_dir)] == ["step_000004", "step_000002"]
     return run_dir
@@ -133,13 +135,38 @@ def _truncate(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "truncated state weights": lambda ck: _truncate(ck / "state" / "model.safetensors"),
-    "zeroed state weights": lambda ck: (ck / "state" / "model.safetensors").write_bytes(b"\0" * 4096),
+    "deleted student weights": lambda ck: (ck / "model.safetensors").unlink(),
+    "zeroed student weights": lambda ck: (ck / "model.safetensors").write_bytes(b"\0" * 4096),
     "empty optimizer": lambda ck: (ck / "state" / "optimizer.bin").write_bytes(b""),
     "truncated optimizer": lambda ck: _truncate(ck / "state" / "optimizer.bin"),
     "garbage trainer state": lambda ck: (ck / "trainer_state.json").write_text("{not json"),
     "truncated top-level weights": lambda ck: _truncate(ck / "model.safetensors"),
 }
+
+
+@pytest.mark.parametrize("layout", ["stored once", "older layout: a second copy in state/"])
+def test_a_checkpoint_stores_the_fp32_student_once_and_resumes_exactly_from_it(killed_run, tmp_path, toy_cache, layout):
+    from safetensors import safe_open
+
+    run_dir, go = resume(killed_run, tmp_path, toy_cache)
+    ck = run_dir / "checkpoints" / "step_000004"
+    assert sorted(p.name for p in (ck / "state").iterdir()) == ["optimizer.bin", "random_states_0.pkl"]
+    with safe_open(str(ck / "model.safetensors"), framework="pt") as saved:
+        tensors = [saved.get_tensor(k) for k in saved.keys()]
+    assert {t.dtype for t in tensors} == {torch.float32}
+    params = sum(t.numel() for t in tensors)
+    optimizer = (ck / "state" / "optimizer.bin").stat().st_size
+    assert 8 * params <= optimizer < 8 * params * 1.02 + 65536  # AdamW's two fp32 moments, and little else
+    if layout != "stored once":  # checkpoints written before the student was stored once
+        shutil.copy(ck / "model.safetensors", ck / "state" / "model.safetensors")
+    summary = go()
+    assert summary["resumed_from_step"] == 4
+    want = [json.loads(line) for line in (killed_run.parent / "uninterrupted.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got[5:], want[5:]):  # the updates after the resume
+        for key in ("loss", "grad_norm", "n_tokens"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))

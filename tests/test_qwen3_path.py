@@ -275,7 +275,7 @@ def test_one_update_at_the_papers_shapes_checkpoints_resumes_and_exports(tmp_pat
 
     from transformers import AutoModelForCausalLM
 
-    from poweropd.bench.memory import count_params, predict
+    from poweropd.bench.memory import count_params, disk_rows, predict
     from poweropd.flops import QWEN3
 
     teacher = save_qwen3_model(tmp_path / "teacher", "teacher", qwen3_backend, **QWEN3_1_7B)
@@ -304,10 +304,17 @@ def test_one_update_at_the_papers_shapes_checkpoints_resumes_and_exports(tmp_pat
     assert summary["status"] == "finished" and summary["resumed_from_step"] == 1
     model = AutoModelForCausalLM.from_pretrained(run_dir / "student")
     assert sum(p.numel() for p in model.parameters()) == count_params(QWEN3["Qwen/Qwen3-0.6B-Base"]).total
+    # The checkpoint holds the fp32 student once, plus AdamW's moments: the disk table's size.
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    assert not list((checkpoint / "state").glob("model*"))
+    written = sum((checkpoint / name).stat().st_size for name in ("model.safetensors", "state/optimizer.bin"))
+    (disk,) = [r for r in disk_rows() if r["student"] == "Qwen/Qwen3-0.6B-Base"]
+    assert written / 1e9 == pytest.approx(disk["checkpoint_gb"], rel=0.01)
     peak_kb = int(next(line for line in done.stderr.splitlines() if "Maximum resident" in line).split()[-1])
     arch_t = QWEN3["Qwen/Qwen3-1.7B-Base"]
     predicted = predict(count_params(QWEN3["Qwen/Qwen3-0.6B-Base"]), count_params(arch_t), 1, "ddp", teacher_bytes=4)
     record = {"measured_peak_rss_gb": peak_kb * 1024 / 2**30, "model_peak_gb": predicted["peak_gb"]}
+    record["checkpoint_gb"] = written / 1e9
     (tmp_path / "memory.json").write_text(json.dumps(record))
     print(record)
     assert 0.5 < record["measured_peak_rss_gb"] / record["model_peak_gb"] < 2.0
@@ -352,3 +359,45 @@ def test_evaluate_runs_the_seven_benchmarks_on_a_local_qwen3_student(tmp_path, q
     report = json.loads(result.read_text())
     text = json.dumps(report)
     assert all(name in text for name in BENCHMARKS)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared benchmark files are not on this machine")
+@pytest.mark.parametrize("thinking", [False, True])
+def test_the_hf_and_lm_eval_backends_feed_the_model_one_qwen3_prompt(tmp_path, qwen3_pair, monkeypatch, thinking):
+    """What reaches the student's generate, token for token, under eval.backend=hf and under
+    lm-eval (which renders the chat template itself): the Qwen3 prompt with the think block as
+    model_pair.enable_thinking says. (eval.backend=vllm takes the hf backend's ids as they are.)"""
+    import transformers
+
+    import poweropd.evaluation as evaluation
+    from poweropd.benchmarks import load_benchmark
+    from poweropd.config import EvaluateConfig
+    from poweropd.generation import chat_prompts
+
+    teacher, student = qwen3_pair
+    fed: list[list[int]] = []
+    generate = transformers.GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        fed.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
+    pair = pair_config(teacher, student, enable_thinking=thinking)
+    seen = {}
+    for backend in ("hf", "lm_eval"):
+        fed.clear()
+        cfg = EvaluateConfig(model="student", output_root=str(tmp_path / backend), model_pair=pair, seed=0)
+        cfg.eval.backend, cfg.eval.benchmarks, cfg.eval.data_dir = backend, ["math500"], str(SHARED_DATA)
+        cfg.eval.n, cfg.eval.limit, cfg.eval.max_new_tokens, cfg.eval.temperature = 1, 1, 2, 0.0
+        evaluation.evaluate(cfg)
+        seen[backend] = list(fed)
+    (problem,) = [r["problem"] for r in load_benchmark("math500", str(SHARED_DATA))[:1]]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(student)
+    expected = chat_prompts(tokenizer, [problem], pair.instruction, thinking)
+    assert seen["hf"] == expected and seen["lm_eval"] == expected
+    assert (expected[0][-4:] == [THINK, 271, END_THINK, 271]) is (not thinking)

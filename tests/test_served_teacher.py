@@ -46,13 +46,14 @@ def free_port() -> int:
 class Served:
     """A teacher server started by the launcher, in its own process group."""
 
-    def __init__(self, toy_cache: Path, port: int):
+    def __init__(self, toy_cache: Path, port: int, options=("--kv-cache-gib", "0.25"), overrides=()):
         self.port, self.url, self.toy_cache = port, f"http://127.0.0.1:{port}", toy_cache
+        self.options, self.overrides = list(options), list(overrides)
         self.start()
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "poweropd.serve", "teacher", *MICRO_PAIR, f"model_pair.cache_dir={self.toy_cache}"]
-        cmd += ["--port", str(self.port), "--kv-cache-gib", "0.25"]
+        cmd += [*self.overrides, "--port", str(self.port), *self.options]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -118,6 +119,33 @@ def test_served_logprobs_equal_the_in_process_teachers(micro_pair, served, need,
     stats = teacher.metrics()
     assert stats["teacher/requests"] == 6 and stats["teacher/retries"] == 0  # 2 x 6 rollouts, 2 a request
     teacher.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_teacher_served_on_the_gpu_scores_as_the_in_process_one_does(micro_pair, toy_cache):
+    """vllm serve on CUDA (fp32, so that both sides compute alike) against the in-process
+    teacher on the same GPU, sampled-token log-probs and top-k."""
+    from poweropd.config import TeacherServerConfig
+    from poweropd.models import score_teacher
+    from poweropd.teachers import ServerTeacher
+
+    cfg, pair = micro_pair
+    teacher_cuda = pair.teacher.to("cuda")
+    vocab = teacher_cuda.config.vocab_size
+    server = Served(toy_cache, free_port(), ("--gpu-memory-utilization", "0.3"), ("model_pair.teacher_dtype=float32",))
+    try:
+        client = ServerTeacher(server.url, TeacherServerConfig(rollouts_per_request=4))
+        client.connect(pair.tokenizer, vocab, pair.student_path, 8)
+        batch = ragged_batch(vocab, 0)
+        (got,) = client.score("topk", [batch], chunk=5, k=8)
+        ref = score_teacher(teacher_cuda, "topk", *(x.cuda() if torch.is_tensor(x) else x for x in batch), chunk=5, k=8)
+        torch.testing.assert_close(got.lT_N, ref.lT_N.float().cpu(), atol=2e-3, rtol=0)
+        torch.testing.assert_close(got.topk[0], ref.topk[0].float().cpu(), atol=2e-3, rtol=0)
+        client.close()
+    finally:
+        server.stop()
+        pair.teacher.to("cpu")
 
 
 def test_the_in_process_vllm_teacher_agrees_too(micro_pair):

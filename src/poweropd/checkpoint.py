@@ -1,15 +1,18 @@
 """Checkpoints that survive SIGKILL.
 
     checkpoints/step_000050/
-        config.json, model.safetensors, tokenizer files   the student (save_pretrained)
-        state/                                            accelerate.save_state: model,
-                                                          optimizer, RNG of every process
+        config.json, model.safetensors, tokenizer files,  the student in fp32 (save_pretrained),
+        generation_config.json                            the one copy a resume loads
+        state/                                            accelerate.save_state without the
+                                                          model: optimizer.bin, the RNG of every
+                                                          process (random_states_<rank>.pkl)
         trainer_state.json                                step, data position, run facts
     checkpoints/latest                                    "step_000050"
 
-Under training.parallel=fsdp2 (`ShardedState`) state/ holds `optimizer_dcp/` (the sharded
-AdamW state, torch.distributed.checkpoint) and `random_states_<rank>.pkl`; the student is
-kept once, as the consolidated save_pretrained folder above, and loaded from it.
+The student is stored once, so a checkpoint is about 12 bytes per student parameter: 4 for
+the fp32 weights, 8 for AdamW's two moments. Under training.parallel=fsdp2 (`ShardedState`)
+state/ holds `optimizer_dcp/` (the sharded AdamW state, torch.distributed.checkpoint) instead
+of optimizer.bin; the student is the same consolidated folder.
 
 A checkpoint is written into a temporary folder, verified (every file there, the saved
 weights readable and finite), renamed into place, and only then does `latest` move to it and
@@ -94,16 +97,16 @@ def unusable(path: Path) -> str | None:
         return f"{TRAINER_STATE} has no step"
     state_dir = path / "state"
     names = {p.name for p in state_dir.iterdir()} if state_dir.is_dir() else set()
-    sharded = SHARDED_OPTIMIZER in names  # FSDP2: the model is the consolidated folder itself
-    if not sharded and not any(n.startswith(("model", "pytorch_model")) for n in names):
-        return "state/ holds no model state"
+    sharded = SHARDED_OPTIMIZER in names
     if not any(n.startswith("optimizer") for n in names):
         return "state/ holds no optimizer state"
     if sharded and not (state_dir / SHARDED_OPTIMIZER / ".metadata").is_file():
         return f"state/{SHARDED_OPTIMIZER} has no .metadata"
+    # The student is the top-level folder (checkpoints written before it was stored once also
+    # hold a copy in state/, which is checked when present but not loaded).
     for weights in (path / "model.safetensors", state_dir / "model.safetensors"):
         if weights.parent == state_dir and not weights.exists():
-            continue  # a sharded (FSDP) state keeps its model under other names
+            continue
         if not weights.is_file() or weights.stat().st_size == 0:
             return f"{weights.relative_to(path)} is missing or empty"
         try:
@@ -302,8 +305,10 @@ def load_checkpoint(path: Path, state) -> dict:
 
 class AccelerateState:
     """What a data-parallel checkpoint holds besides the trainer state: the student
-    (save_pretrained, from the main process) and accelerate's save_state (model, optimizer,
-    the RNG of every process)."""
+    (save_pretrained, from the main process) and accelerate's save_state without the model
+    (optimizer, gradient scaler under fp16, the RNG of every process). The model is left out
+    through accelerate's save/load pre-hooks, which exist for this: the student is written
+    once, by save_pretrained, and a resume loads it from there."""
 
     def __init__(self, accelerator, scorer, generation=None):
         self.accelerator = accelerator
@@ -316,10 +321,20 @@ class AccelerateState:
                 self.lm.save_pretrained(folder, safe_serialization=True, max_shard_size=ONE_FILE)
 
     def save_state(self, folder: Path) -> None:
-        self.accelerator.save_state(str(folder))
+        handle = self.accelerator.register_save_state_pre_hook(lambda models, weights, _dir: weights.clear())
+        try:
+            self.accelerator.save_state(str(folder))
+        finally:
+            handle.remove()
 
     def load(self, path: Path) -> None:
-        self.accelerator.load_state(str(path / "state"))
+        weights = read_student(self.lm, path)
+        self.lm.load_state_dict(weights, strict=True)
+        handle = self.accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())
+        try:
+            self.accelerator.load_state(str(path / "state"))
+        finally:
+            handle.remove()
 
 
 class ShardedState:
@@ -355,6 +370,25 @@ class ShardedState:
         rng = path / "state" / f"random_states_{self.accelerator.process_index}.pkl"
         if rng.is_file():  # missing only when training.allow_inexact_resume accepted that
             set_rng_state(torch.load(rng, weights_only=False))
+
+
+def read_student(lm, folder: Path) -> dict:
+    """The full state dict of `lm` from the save_pretrained folder `folder` (one
+    model.safetensors), with the tied copies save_pretrained leaves out (a tied lm-head)
+    filled from the tensors they share."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    params = dict(lm.named_parameters(remove_duplicate=False))
+    for key in lm.state_dict():
+        if key in state:
+            continue
+        target = params.get(key)
+        source = next((n for n, p in params.items() if target is not None and p is target and n in state), None)
+        if source is None:
+            raise KeyError(f"{folder} has no weight {key}")
+        state[key] = state[source]
+    return state
 
 
 @contextlib.contextmanager

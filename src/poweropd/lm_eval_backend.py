@@ -81,7 +81,10 @@ def run_lm_eval(
             tokenizer=tokenizer,
             batch_size=ec.batch_size,
             max_length=context,
-            enable_thinking=pair.enable_thinking,
+            # The flag goes to the chat template only. lm-eval's own enable_thinking=True also
+            # demands a think_end_token and then returns just the text after </think>, while the
+            # hf and vLLM backends grade (and count the tokens of) the whole response.
+            chat_template_args={"enable_thinking": pair.enable_thinking},
         )
         return _simple_evaluate(lm, tokenizer, pair, bench, rows, ec, max_new, seed, stop_strings)
     finally:
@@ -119,11 +122,15 @@ def _vllm_lm(target, ec: EvalConfig, context, seed: int, stop_ids: list[int]):
         batch_size="auto",
         max_length=context,
         seed=seed,
-        enable_thinking=target.pair.enable_thinking,
         generation_config="vllm",
         **memory_options(ec.vllm, _on_cuda()),  # the same memory settings as eval.backend=vllm
     )
     lm = VLLM(**kwargs)
+    # lm-eval's VLLM hands its enable_thinking attribute to the chat template, but setting it
+    # through the constructor also demands a think_end_token, which strips the reasoning from
+    # the responses and stops vLLM at EOS only; set after construction, it reaches the template
+    # alone, as under the hf model type (chat_template_args' own copy is dropped by VLLM).
+    lm.enable_thinking = target.pair.enable_thinking
     lm._poweropd_stop_ids = stop_ids
     return lm
 

@@ -231,20 +231,15 @@ def full_state_dict(lm: nn.Module, everywhere: bool = False) -> dict:
 def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:
     """Load a consolidated `save_pretrained` folder into the sharded `lm`: the main process
     reads it (`path`; None elsewhere) and broadcasts it to the others' shards."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from poweropd.checkpoint import read_student
 
     state: dict = {}
     problem = ""
     if path is not None:
         try:
-            state = load_file(str(Path(path) / "model.safetensors"))
-            for key in lm.state_dict():  # save_pretrained drops tied copies (lm_head.weight)
-                if key not in state:
-                    source = _tied_source(lm, key)
-                    if source is None or source not in state:
-                        raise KeyError(f"{path} has no weight {key}")
-                    state[key] = state[source]
+            state = read_student(lm, path)
         except Exception as exc:  # noqa: BLE001 - told to every process below, then raised on each
             problem = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
     told = [problem]
@@ -253,17 +248,6 @@ def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:
         raise RuntimeError(f"the main process could not read the student ({told[0]})")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(lm, state, options=options)
-
-
-def _tied_source(lm: nn.Module, key: str) -> str | None:
-    """The state-dict key holding the same tensor as `key` (a tied lm-head), if any."""
-    target = dict(lm.named_parameters(remove_duplicate=False)).get(key)
-    if target is None:
-        return None
-    for name, param in lm.named_parameters():
-        if param is target and name != key:
-            return name
-    return None
 
 
 def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:

@@ -135,6 +135,25 @@ def predict(
     }
 
 
+def disk_rows(save_every: int = 100, steps: int = 1500) -> list[dict]:
+    """Disk a run of each pair's student takes (poweropd.checkpoint): a checkpoint holds the fp32
+    student once (4 bytes per parameter) and AdamW's two fp32 moments (8); `student/` at the end
+    is the fp32 student. A run at the paper's save_every writes steps / save_every checkpoints,
+    of which training.keep_checkpoints (1 by default) stay."""
+    rows, seen = [], set()
+    for _teacher, student_id in PAIRS.values():
+        if student_id in seen:
+            continue
+        seen.add(student_id)
+        s = count_params(ARCHS[student_id], tied=student_id not in UNTIED).total
+        rows.append({
+            "kind": "disk", "student": student_id, "student_b": s / 1e9, "checkpoint_gb": 12 * s / 1e9,
+            "student_gb": 4 * s / 1e9, "checkpoints_written": steps // save_every,
+            "all_kept_gb": steps // save_every * 12 * s / 1e9,
+        })  # fmt: skip
+    return rows
+
+
 def model_rows(processes: list[int], tokens: int, chunk: int) -> list[dict]:
     """The table for the paper's pairs and 8B <- 32B on GPUs: bf16 compute and teacher."""
     rows = []
@@ -272,7 +291,7 @@ def add_arguments(p) -> None:
 
 def run(args, device: str) -> list[dict]:
     counts = [int(x) for x in str(args.processes).split(",") if x.strip()]
-    rows = [{"kind": "model", **r} for r in model_rows(counts, args.tokens, args.chunk)]
+    rows = [{"kind": "model", **r} for r in model_rows(counts, args.tokens, args.chunk)] + disk_rows()
     if args.measure:
         rows += [{"kind": "measured", **r} for r in measure_rows()]
     return rows
@@ -291,6 +310,19 @@ def table(rows: list[dict]) -> str:
             f"| {r['pair']} | {r['processes']} | {r['parallel']} | {fmt(r['student_state_gb'])} | "
             f"{fmt(r['teacher_gb'])} | {fmt(r['gathered_gb'])} | {fmt(r['activations_gb'])} | "
             f"{fmt(r['device_peak_gb'])} | {fmt(r['loading_gb'])} |"
+        )
+    disk = [r for r in rows if r["kind"] == "disk"]
+    lines += [
+        "",
+        "Disk per checkpoint (GB = 1e9 bytes; the fp32 student once + AdamW's moments, 12 bytes per parameter):",
+        "",
+        "| student | parameters (B) | one checkpoint | student/ | 15 checkpoints (1500 steps, save_every 100) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in disk:
+        lines.append(
+            f"| {r['student']} | {fmt(r['student_b'])} | {fmt(r['checkpoint_gb'], 1)} GB | "
+            f"{fmt(r['student_gb'], 1)} GB | {fmt(r['all_kept_gb'], 0)} GB |"
         )
     measured = [r for r in rows if r["kind"] == "measured"]
     if measured:
