@@ -328,6 +328,8 @@ class AccelerateState:
             handle.remove()
 
     def load(self, path: Path) -> None:
+        from poweropd.sharding import read_student
+
         weights = read_student(self.lm, path)
         self.lm.load_state_dict(weights, strict=True)
         handle = self.accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())
@@ -370,25 +372,6 @@ class ShardedState:
         rng = path / "state" / f"random_states_{self.accelerator.process_index}.pkl"
         if rng.is_file():  # missing only when training.allow_inexact_resume accepted that
             set_rng_state(torch.load(rng, weights_only=False))
-
-
-def read_student(lm, folder: Path) -> dict:
-    """The full state dict of `lm` from the save_pretrained folder `folder` (one
-    model.safetensors), with the tied copies save_pretrained leaves out (a tied lm-head)
-    filled from the tensors they share."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(folder) / "model.safetensors"))
-    params = dict(lm.named_parameters(remove_duplicate=False))
-    for key in lm.state_dict():
-        if key in state:
-            continue
-        target = params.get(key)
-        source = next((n for n, p in params.items() if target is not None and p is target and n in state), None)
-        if source is None:
-            raise KeyError(f"{folder} has no weight {key}")
-        state[key] = state[source]
-    return state
 
 
 @contextlib.contextmanager

@@ -228,12 +228,29 @@ def full_state_dict(lm: nn.Module, everywhere: bool = False) -> dict:
     return get_model_state_dict(lm, options=options)
 
 
+def read_student(lm, folder: Path) -> dict:
+    """The full state dict of `lm` from the save_pretrained folder `folder` (one
+    model.safetensors), with the tied copies save_pretrained leaves out (a tied lm-head)
+    filled from the tensors they share."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    params = dict(lm.named_parameters(remove_duplicate=False))
+    for key in lm.state_dict():
+        if key in state:
+            continue
+        target = params.get(key)
+        source = next((n for n, p in params.items() if target is not None and p is target and n in state), None)
+        if source is None:
+            raise KeyError(f"{folder} has no weight {key}")
+        state[key] = state[source]
+    return state
+
+
 def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:
     """Load a consolidated `save_pretrained` folder into the sharded `lm`: the main process
     reads it (`path`; None elsewhere) and broadcasts it to the others' shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from poweropd.checkpoint import read_student
 
     state: dict = {}
     problem = ""
