@@ -79,11 +79,15 @@ def _metrics(run_dir) -> list[dict]:
 UPDATE_KEYS = ("loss", "grad_norm", "n_tokens", "response_length", "log_ratio/mean", "val/accuracy")
 
 
-def test_fsdp2_resumes_bit_exactly_after_sigkill_and_leaves_a_loadable_student(tmp_path, toy_cache):
+@pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
+def test_two_processes_resume_bit_exactly_after_sigkill_and_leave_a_loadable_student(tmp_path, toy_cache, parallel):
+    """Under fsdp2 and under ddp (whose checkpoints keep the student once too: every process
+    loads it from the save_pretrained folder, beside accelerate's optimizer and RNG state)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=power", *FSDP2]
+    overrides = [*MICRO_PAIR, *MICRO_TRAINING, f"model_pair.cache_dir={toy_cache}", "reward=power"]
+    overrides.append(f"training.parallel={parallel}")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = _launch(straight, overrides)
     out = proc.communicate(timeout=600)[0]
@@ -100,12 +104,14 @@ def test_fsdp2_resumes_bit_exactly_after_sigkill_and_leaves_a_loadable_student(t
     proc.wait()
     assert not (killed / "summary.json").exists()
     checkpoint = killed / "checkpoints" / "step_000002"
+    optimizer = "optimizer_dcp" if parallel == "fsdp2" else "optimizer.bin"
     assert sorted(p.name for p in (checkpoint / "state").iterdir()) == [
-        "optimizer_dcp",
+        optimizer,
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
-    assert len(list((checkpoint / "state" / "optimizer_dcp").glob("*.distcp"))) == 2  # one shard file per process
+    if parallel == "fsdp2":
+        assert len(list((checkpoint / "state" / "optimizer_dcp").glob("*.distcp"))) == 2  # a shard file per process
 
     proc = _launch(killed, overrides)
     out = proc.communicate(timeout=600)[0]

@@ -144,10 +144,14 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["stored once", "older layout: a second copy in state/"])
+@pytest.mark.parametrize("layout", ["stored once", "a second copy in state/ (older checkpoints): not read"])
 def test_a_checkpoint_stores_the_fp32_student_once_and_resumes_exactly_from_it(killed_run, tmp_path, toy_cache, layout):
     from safetensors import safe_open
 
+    from poweropd.bench.memory import disk_rows
+
+    # the run wrote the checkpoints the disk table counts (steps 2 and 4 of 6; step 6 is student/)
+    assert len(step_checkpoints(killed_run)) == disk_rows(save_every=2, steps=STEPS)[0]["checkpoints_written"]
     run_dir, go = resume(killed_run, tmp_path, toy_cache)
     ck = run_dir / "checkpoints" / "step_000004"
     assert sorted(p.name for p in (ck / "state").iterdir()) == ["optimizer.bin", "random_states_0.pkl"]
@@ -157,8 +161,8 @@ def test_a_checkpoint_stores_the_fp32_student_once_and_resumes_exactly_from_it(k
     params = sum(t.numel() for t in tensors)
     optimizer = (ck / "state" / "optimizer.bin").stat().st_size
     assert 8 * params <= optimizer < 8 * params * 1.02 + 65536  # AdamW's two fp32 moments, and little else
-    if layout != "stored once":  # checkpoints written before the student was stored once
-        shutil.copy(ck / "model.safetensors", ck / "state" / "model.safetensors")
+    if layout != "stored once":  # an older checkpoint's copy, here a damaged one: it must not matter
+        (ck / "state" / "model.safetensors").write_bytes(b"\0" * 4096)
     summary = go()
     assert summary["resumed_from_step"] == 4
     want = [json.loads(line) for line in (killed_run.parent / "uninterrupted.jsonl").read_text().splitlines()]

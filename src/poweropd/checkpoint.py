@@ -103,10 +103,8 @@ def unusable(path: Path) -> str | None:
     if sharded and not (state_dir / SHARDED_OPTIMIZER / ".metadata").is_file():
         return f"state/{SHARDED_OPTIMIZER} has no .metadata"
     # The student is the top-level folder (checkpoints written before it was stored once also
-    # hold a copy in state/, which is checked when present but not loaded).
-    for weights in (path / "model.safetensors", state_dir / "model.safetensors"):
-        if weights.parent == state_dir and not weights.exists():
-            continue
+    # hold a copy in state/, which is not read).
+    for weights in (path / "model.safetensors",):
         if not weights.is_file() or weights.stat().st_size == 0:
             return f"{weights.relative_to(path)} is missing or empty"
         try:
@@ -328,10 +326,9 @@ class AccelerateState:
             handle.remove()
 
     def load(self, path: Path) -> None:
-        from poweropd.sharding import read_student
+        from poweropd.sharding import copy_student
 
-        weights = read_student(self.lm, path)
-        self.lm.load_state_dict(weights, strict=True)
+        copy_student(self.lm, path)
         handle = self.accelerator.register_load_state_pre_hook(lambda models, _dir: models.clear())
         try:
             self.accelerator.load_state(str(path / "state"))

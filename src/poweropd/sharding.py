@@ -228,23 +228,48 @@ def full_state_dict(lm: nn.Module, everywhere: bool = False) -> dict:
     return get_model_state_dict(lm, options=options)
 
 
+def saved_sources(lm, saved: set[str], folder: Path) -> dict[str, str]:
+    """For every state-dict key of `lm`, the tensor of a save_pretrained file (keys `saved`)
+    it is read from: its own, or, for the tied copies save_pretrained leaves out (a tied
+    lm-head), the one it shares. KeyError for a weight the file lacks or one `lm` lacks."""
+    params = dict(lm.named_parameters(remove_duplicate=False))
+    keys = list(lm.state_dict())
+    unknown = saved - set(keys)
+    if unknown:
+        raise KeyError(f"{folder} holds weights the model has not: {sorted(unknown)[:3]}")
+    sources = {}
+    for key in keys:
+        target = params.get(key)
+        sources[key] = key if key in saved else next(
+            (n for n, p in params.items() if target is not None and p is target and n in saved), None
+        )  # fmt: skip
+        if sources[key] is None:
+            raise KeyError(f"{folder} has no weight {key}")
+    return sources
+
+
 def read_student(lm, folder: Path) -> dict:
-    """The full state dict of `lm` from the save_pretrained folder `folder` (one
-    model.safetensors), with the tied copies save_pretrained leaves out (a tied lm-head)
-    filled from the tensors they share."""
+    """The full state dict of `lm` from the save_pretrained folder `folder` (one model.safetensors)."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(folder) / "model.safetensors"))
-    params = dict(lm.named_parameters(remove_duplicate=False))
-    for key in lm.state_dict():
-        if key in state:
-            continue
-        target = params.get(key)
-        source = next((n for n, p in params.items() if target is not None and p is target and n in state), None)
-        if source is None:
-            raise KeyError(f"{folder} has no weight {key}")
-        state[key] = state[source]
-    return state
+    return {key: state[source] for key, source in saved_sources(lm, set(state), folder).items()}
+
+
+@torch.no_grad()
+def copy_student(lm, folder: Path) -> None:
+    """Load the save_pretrained folder `folder` into the unsharded `lm` in place, one tensor at a
+    time (the host never holds the whole student: several processes on one node each load)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as saved:
+        sources = saved_sources(lm, set(saved.keys()), folder)
+        state = lm.state_dict()
+        for key, source in sources.items():
+            tensor, into = saved.get_tensor(source), state[key]
+            if tensor.shape != into.shape:
+                raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the model {tuple(into.shape)}")
+            into.copy_(tensor)
 
 
 def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:

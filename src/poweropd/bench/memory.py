@@ -138,8 +138,9 @@ def predict(
 def disk_rows(save_every: int = 100, steps: int = 1500) -> list[dict]:
     """Disk a run of each pair's student takes (poweropd.checkpoint): a checkpoint holds the fp32
     student once (4 bytes per parameter) and AdamW's two fp32 moments (8); `student/` at the end
-    is the fp32 student. A run at the paper's save_every writes steps / save_every checkpoints,
-    of which training.keep_checkpoints (1 by default) stay."""
+    is the fp32 student. A run writes a checkpoint every save_every updates before the last
+    one (the last writes student/): (steps - 1) // save_every of them, of which
+    training.keep_checkpoints (1 by default) stay; while one is written, one more is on disk."""
     rows, seen = [], set()
     for _teacher, student_id in PAIRS.values():
         if student_id in seen:
@@ -148,8 +149,8 @@ def disk_rows(save_every: int = 100, steps: int = 1500) -> list[dict]:
         s = count_params(ARCHS[student_id], tied=student_id not in UNTIED).total
         rows.append({
             "kind": "disk", "student": student_id, "student_b": s / 1e9, "checkpoint_gb": 12 * s / 1e9,
-            "student_gb": 4 * s / 1e9, "checkpoints_written": steps // save_every,
-            "all_kept_gb": steps // save_every * 12 * s / 1e9,
+            "student_gb": 4 * s / 1e9, "steps": steps, "save_every": save_every,
+            "checkpoints_written": (steps - 1) // save_every, "all_kept_gb": (steps - 1) // save_every * 12 * s / 1e9,
         })  # fmt: skip
     return rows
 
@@ -316,13 +317,14 @@ def table(rows: list[dict]) -> str:
         "",
         "Disk per checkpoint (GB = 1e9 bytes; the fp32 student once + AdamW's moments, 12 bytes per parameter):",
         "",
-        "| student | parameters (B) | one checkpoint | student/ | 15 checkpoints (1500 steps, save_every 100) |",
+        "| student | parameters (B) | one checkpoint | student/ | every checkpoint kept |",
         "|---|---|---|---|---|",
     ]
     for r in disk:
         lines.append(
             f"| {r['student']} | {fmt(r['student_b'])} | {fmt(r['checkpoint_gb'], 1)} GB | "
-            f"{fmt(r['student_gb'], 1)} GB | {fmt(r['all_kept_gb'], 0)} GB |"
+            f"{fmt(r['student_gb'], 1)} GB | {fmt(r['all_kept_gb'], 0)} GB ({r['checkpoints_written']} checkpoints: "
+            f"{r['steps']} steps, save_every {r['save_every']}) |"
         )
     measured = [r for r in rows if r["kind"] == "measured"]
     if measured:
