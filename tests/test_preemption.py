@@ -462,3 +462,23 @@ def test_submitit_local_requeues_lose_no_completed_update(tmp_path, toy_cache):
     summary = read_json_object(run_dir / "summary.json")
     assert summary["status"] == "finished" and summary["resumed_from_step"]  # it was requeued at least once
     assert not (run_dir / "metrics.discarded").exists()  # no completed update was done twice
+
+
+def test_a_resume_copies_the_student_in_place_and_a_misshapen_file_changes_nothing(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from poweropd.sharding import copy_student
+
+    shape = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    cfg = Qwen3Config(**shape, intermediate_size=32, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    saved, into = Qwen3ForCausalLM(cfg), Qwen3ForCausalLM(cfg)
+    saved.save_pretrained(tmp_path / "ck")  # the tied lm-head is left out of the file
+    copy_student(into, tmp_path / "ck")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), into.state_dict().values()))
+    assert into.lm_head.weight is into.model.embed_tokens.weight  # still one tensor
+    other = Qwen3ForCausalLM(Qwen3Config(**shape, intermediate_size=48, head_dim=8, tie_word_embeddings=True))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="gate_proj.weight has shape"):
+        copy_student(other, tmp_path / "ck")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing half-copied

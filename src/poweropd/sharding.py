@@ -265,11 +265,12 @@ def copy_student(lm, folder: Path) -> None:
     with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as saved:
         sources = saved_sources(lm, set(saved.keys()), folder)
         state = lm.state_dict()
+        for key, source in sources.items():  # every shape first: a refused file leaves the model as it was
+            shape = tuple(saved.get_slice(source).get_shape())
+            if shape != tuple(state[key].shape):
+                raise ValueError(f"{folder}: {key} has shape {shape}, the model {tuple(state[key].shape)}")
         for key, source in sources.items():
-            tensor, into = saved.get_tensor(source), state[key]
-            if tensor.shape != into.shape:
-                raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the model {tuple(into.shape)}")
-            into.copy_(tensor)
+            state[key].copy_(saved.get_tensor(source))
 
 
 def load_full_state_dict(lm: nn.Module, path: Path | None) -> None:
