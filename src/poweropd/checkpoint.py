@@ -104,14 +104,14 @@ def unusable(path: Path) -> str | None:
         return f"state/{SHARDED_OPTIMIZER} has no .metadata"
     # The student is the top-level folder (checkpoints written before it was stored once also
     # hold a copy in state/, which is not read).
-    for weights in (path / "model.safetensors",):
-        if not weights.is_file() or weights.stat().st_size == 0:
-            return f"{weights.relative_to(path)} is missing or empty"
-        try:
-            with safe_open(str(weights), framework="pt") as saved:
-                saved.keys()
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            return f"{weights.relative_to(path)} is corrupt ({str(exc).splitlines()[0][:80]})"
+    weights = path / "model.safetensors"
+    if not weights.is_file() or weights.stat().st_size == 0:
+        return "model.safetensors is missing or empty"
+    try:
+        with safe_open(str(weights), framework="pt") as saved:
+            saved.keys()
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        return f"model.safetensors is corrupt ({str(exc).splitlines()[0][:80]})"
     optimizer = state_dir / "optimizer.bin"
     if optimizer.exists() and optimizer.stat().st_size == 0:
         return "state/optimizer.bin is empty"
